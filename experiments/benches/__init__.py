@@ -1,0 +1,1 @@
+"""One module per bench; see experiments/bench.py for the contract."""
