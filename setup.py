@@ -40,6 +40,14 @@ EXTRAS_REQUIRE = {
         "nbformat==5.11.1",
         "ipykernel==7.4.0",
         "psutil",
+        # Parity tests of the Qwen2.5-VL port against the PyTorch reference.
+        "torch==2.13.0",
+        "transformers==5.23.0",
+    ],
+    # The PyTorch reference for checking real-model ports (experiments/check_parity.py).
+    "hf": [
+        "torch==2.13.0",
+        "transformers==5.23.0",
     ],
 }
 
