@@ -1,0 +1,143 @@
+"""Shared defaults for every experiment config: `base_config(tasks)` -> ConfigDict.
+
+Each `configs/<experiment>.py` calls this and changes what differs. Every leaf here is a knob the
+trainer reads (`g2rpo_jax.config_utils.validate` checks them), overridable on the command line
+as `--config.a.b=value`. Defaults follow SPEC §3-§6 (the released code's choices).
+
+Must not import jax or anything from g2rpo_jax except config_utils-free constants: configs are
+loaded while parsing flags, before JAX starts.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+# The six tasks of the built-in suite (one per domain of the paper) and their role for length
+# shaping (SPEC §4: perception short, reasoning long, hybrid mid).
+ALL_TASKS = ("grounding", "counting", "arithmetic", "ocr", "spatial", "chart")
+ROLES = {
+    "grounding": "perception",
+    "counting": "perception",
+    "ocr": "perception",
+    "arithmetic": "reasoning",
+    "spatial": "hybrid",
+    "chart": "hybrid",
+}
+# (L_min, L_low, L_high, L_max) in response TOKENS (the tokenizer is character-level, tags are
+# one token each), chosen around the demonstrations' lengths: a perception answer with a short
+# thought is ~10-40 tokens, a written arithmetic chain ~30-90.
+LENGTH_WINDOWS = {
+    "perception": (4, 10, 40, 64),
+    "hybrid": (6, 14, 56, 88),
+    "reasoning": (10, 24, 90, 128),
+}
+
+
+def _per_task(values: dict) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({k: tuple(v) for k, v in values.items()})
+
+
+def base_config(tasks=ALL_TASKS) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # An orbax checkpoint directory (a workdir's `checkpoints/<step>` or a workdir) to start RL
+  # from; when set, the warm start is skipped.
+  c.init_checkpoint = ""
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "tiny_vlm"
+  c.model.size = "small"
+  c.model.param_dtype = "float32"
+  c.model.dtype = "float32"
+
+  c.tasks = ml_collections.ConfigDict()
+  c.tasks.names = tuple(tasks)
+  c.tasks.weights = tuple(1.0 for _ in tasks)
+  c.tasks.difficulty = 1
+  c.tasks.data_dir = ""  # "" = <workdir>/data
+  c.tasks.train_size = 2048  # examples per task in the train split
+  c.tasks.eval_size = 64  # held-out examples per task scored by evaluation
+
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.group_size = 8
+  c.rollout.max_new_tokens = 96
+  c.rollout.temperature = 1.0
+  c.rollout.top_p = 1.0
+  c.rollout.top_k = 0
+
+  c.batch = ml_collections.ConfigDict()
+  c.batch.prompts_per_step = 32  # prompt groups per RL step (after filtering)
+  c.batch.num_minibatches = 4  # optimizer steps per rollout batch (SPEC §3)
+
+  c.advantage = ml_collections.ConfigDict()
+  c.advantage.name = "g2rpo"
+  c.advantage.mode = "group_then_task"
+  c.advantage.std = "unbiased"  # GRPO only
+  c.advantage.eps = 1e-6  # GRPO only
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.eps_low = 0.2
+  c.loss.eps_high = 0.3
+  c.loss.dual_clip = 3.0
+  c.loss.aggregation = "token_mean"
+  c.loss.kl_coef = 0.0  # β; 0 keeps no reference model (SPEC §3)
+  c.loss.kl_estimator = "k3"
+  c.loss.log_ratio_clamp = 20.0
+
+  c.shaping = ml_collections.ConfigDict()
+  c.shaping.format_weight = 0.1
+  c.shaping.length = ml_collections.ConfigDict()
+  c.shaping.length.enabled = True
+  c.shaping.length.weight = 0.1
+  c.shaping.length.thresholds = _per_task({t: LENGTH_WINDOWS[ROLES.get(t, "hybrid")]
+                                           for t in tasks})
+  c.shaping.entropy = ml_collections.ConfigDict()
+  c.shaping.entropy.enabled = True
+  c.shaping.entropy.lam = 0.02
+  c.shaping.entropy.estimator = "sampled"  # mean NLL of sampled tokens (SPEC §5) or "full"
+  c.shaping.entropy.bounds = _per_task({t: (0.2, 0.6) for t in tasks})
+
+  c.filtering = ml_collections.ConfigDict()
+  c.filtering.enabled = True
+  c.filtering.low = 0.01  # drop groups with mean accuracy <= low or >= high (SPEC §3)
+  c.filtering.high = 0.99
+  c.filtering.max_rounds = 2  # extra sampling rounds to refill the batch
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 1e-4
+  c.optimizer.weight_decay = 1e-2
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.grad_clip = 1.0
+  c.optimizer.warmup_steps = 0
+
+  c.warm_start = ml_collections.ConfigDict()
+  c.warm_start.enabled = True
+  c.warm_start.steps = 300
+  c.warm_start.batch_size = 32
+  c.warm_start.lr = 1e-3
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 100
+  c.train.log_every = 1
+  c.train.eval_every = 50
+  c.train.checkpoint_every = 25
+  c.train.keep_checkpoints = 3
+  c.train.grad_norm_every = 10  # per-task gradient norms (SPEC §7.2) every K steps; 0 = never
+  c.train.max_nonfinite = 3  # stop after this many non-finite updates in a row
+  c.train.progress_bar = True
+  c.train.plots = True
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.temperature = 0.0  # 0 = greedy
+  c.eval.batch_size = 64
+
+  # Test hooks; leave at their defaults in real runs.
+  c.debug = ml_collections.ConfigDict()
+  c.debug.sigkill_after_step = -1  # send ourselves SIGKILL after this step's metrics (tests)
+  c.debug.nan_loss_steps = ()  # steps whose loss is made NaN, to exercise the guard (tests)
+  return c

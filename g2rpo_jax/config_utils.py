@@ -1,0 +1,234 @@
+"""Config loading, command-line overrides and validation for experiment configs.
+
+An experiment is one `configs/<name>.py` file with `get_config(arg=None) -> ConfigDict`. Every
+knob is overridable as `--config.a.b=value`; a key that does not exist is an error naming the
+valid keys at that level (ml_collections' own flag parser only says `AttributeError: 'y'`).
+`validate(config)` checks the values the trainer relies on, so a bad run fails before it compiles.
+
+Must not import jax, the models, the tasks or the trainer: this runs before JAX initialises
+(multi-host start-up) and inside argument parsing.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from typing import Any, Iterable, Sequence
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+class ConfigError(ValueError):
+  """A config key or value is wrong; the message names it and what was expected."""
+
+
+def load_config(spec: str) -> ConfigDict:
+  """Loads `path/to/config.py[:arg]` (or a bare name like `smoke[:arg]` from `configs/`)."""
+  path, _, arg = spec.partition(":")
+  if not path.endswith(".py"):
+    path = os.path.join(_CONFIG_DIR, path + ".py")
+  if not os.path.exists(path):
+    raise ConfigError(f"config file {path!r} does not exist (from --config={spec!r})")
+  name = "_g2rpo_config_" + os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path!r} has no get_config(arg=None)")
+  return module.get_config(arg or None) if arg else module.get_config()
+
+
+def _valid_keys(node: ConfigDict) -> str:
+  return ", ".join(sorted(node.keys()))
+
+
+def resolve(config: ConfigDict, dotted: str) -> tuple[ConfigDict, str]:
+  """Returns (parent node, leaf name) of `a.b.c`; raises ConfigError naming the valid keys."""
+  parts = dotted.split(".")
+  node = config
+  for i, part in enumerate(parts):
+    if not isinstance(node, (ConfigDict, ml_collections.FrozenConfigDict)):
+      where = ".".join(parts[:i])
+      raise ConfigError(f"config key {dotted!r}: {where!r} is a value, not a section")
+    if part not in node:
+      where = ".".join(parts[:i]) or "<top level>"
+      raise ConfigError(
+          f"unknown config key {dotted!r}: no {part!r} at {where}; valid keys there: "
+          f"{_valid_keys(node)}")
+    if i < len(parts) - 1:
+      node = node[part]
+  return node, parts[-1]
+
+
+def parse_value(text: str, current: Any, key: str) -> Any:
+  """Parses `text` into the type of the existing value `current` (bool/int/float/str/tuple)."""
+  if isinstance(current, bool):
+    low = text.strip().lower()
+    if low in ("true", "1", "yes"):
+      return True
+    if low in ("false", "0", "no"):
+      return False
+    raise ConfigError(f"config key {key!r}: expected a bool (True/False), got {text!r}")
+  if isinstance(current, int):
+    try:
+      return int(text)
+    except ValueError:
+      raise ConfigError(f"config key {key!r}: expected an int, got {text!r}") from None
+  if isinstance(current, float):
+    try:
+      return float(text)
+    except ValueError:
+      raise ConfigError(f"config key {key!r}: expected a float, got {text!r}") from None
+  if isinstance(current, str) or current is None:
+    return text
+  if isinstance(current, (tuple, list)):
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = tuple(v.strip() for v in text.strip("()[]").split(",") if v.strip())
+    if not isinstance(value, (tuple, list)):
+      value = (value,)
+    return tuple(value)
+  if isinstance(current, ConfigDict):
+    raise ConfigError(f"config key {key!r} is a section (keys: {_valid_keys(current)}), "
+                      "set one of its keys instead")
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_overrides(config: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
+  """Applies `["a.b=value", ...]` in place (and returns config); unknown keys raise ConfigError."""
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"override {item!r}: expected key=value")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if key.startswith("config."):
+      key = key[len("config."):]
+    parent, leaf = resolve(config, key)
+    value = parse_value(text, parent[leaf], key)
+    with config.unlocked() if hasattr(config, "unlocked") else _null():
+      parent[leaf] = value
+  return config
+
+
+class _null:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False
+
+
+def check_override_flags(argv: Sequence[str], flag: str = "config") -> None:
+  """Checks every `--config.a.b=...` in argv names an existing key, before absl parses them.
+
+  ml_collections' config_flags applies the same overrides later; this only makes the error
+  readable (the level's valid keys) instead of a bare AttributeError.
+  """
+  spec = None
+  keys = []
+  for i, a in enumerate(argv):
+    if a.startswith(f"--{flag}="):
+      spec = a.split("=", 1)[1]
+    elif a == f"--{flag}" and i + 1 < len(argv):
+      spec = argv[i + 1]
+    elif a.startswith(f"--{flag}."):
+      keys.append(a[len(f"--{flag}."):].split("=", 1)[0])
+  if spec is None or not keys:
+    return
+  config = load_config(spec)
+  for key in keys:
+    resolve(config, key)
+
+
+# ------------------------------------------------------------------------------------------
+# Validation.
+
+_ESTIMATORS = ("g2rpo", "grpo", "dr_grpo", "rloo", "none")
+_MODES = ("group", "task", "group_then_task")
+_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+_KL = ("k1", "k2", "k3")
+
+
+def _expect(cond: bool, key: str, what: str, value: Any) -> None:
+  if not cond:
+    raise ConfigError(f"config.{key} = {value!r}: expected {what}")
+
+
+def validate(config: ConfigDict) -> ConfigDict:
+  """Checks the values the trainer relies on; returns config unchanged or raises ConfigError."""
+  c = config
+  _expect(c.advantage.name in _ESTIMATORS, "advantage.name", f"one of {_ESTIMATORS}",
+          c.advantage.name)
+  _expect(c.advantage.mode in _MODES, "advantage.mode", f"one of {_MODES}", c.advantage.mode)
+  _expect(c.advantage.std in ("unbiased", "biased"), "advantage.std", "'unbiased' or 'biased'",
+          c.advantage.std)
+  _expect(c.loss.aggregation in _AGGREGATIONS, "loss.aggregation", f"one of {_AGGREGATIONS}",
+          c.loss.aggregation)
+  _expect(c.loss.kl_estimator in _KL, "loss.kl_estimator", f"one of {_KL}", c.loss.kl_estimator)
+  _expect(c.loss.eps_low >= 0 and c.loss.eps_high >= 0, "loss.eps_low/eps_high",
+          "non-negative clip ranges", (c.loss.eps_low, c.loss.eps_high))
+  _expect(c.loss.dual_clip > 1.0, "loss.dual_clip", "a value > 1 (SPEC §3: c = 3)",
+          c.loss.dual_clip)
+  _expect(c.loss.kl_coef >= 0, "loss.kl_coef", "β >= 0", c.loss.kl_coef)
+  _expect(c.rollout.group_size >= 2, "rollout.group_size", "at least 2 responses per prompt",
+          c.rollout.group_size)
+  _expect(c.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", ">= 1",
+          c.rollout.max_new_tokens)
+  _expect(c.batch.prompts_per_step >= 1, "batch.prompts_per_step", ">= 1",
+          c.batch.prompts_per_step)
+  _expect(c.batch.num_minibatches >= 1 and c.batch.prompts_per_step % c.batch.num_minibatches
+          == 0, "batch.num_minibatches", f"a divisor of batch.prompts_per_step "
+          f"({c.batch.prompts_per_step})", c.batch.num_minibatches)
+  f = c.filtering
+  _expect(0.0 <= f.low < f.high <= 1.0, "filtering.low/high", "0 <= low < high <= 1",
+          (f.low, f.high))
+  _expect(f.max_rounds >= 0, "filtering.max_rounds", ">= 0", f.max_rounds)
+  tasks = tuple(c.tasks.names)
+  _expect(len(tasks) >= 1, "tasks.names", "at least one task", tasks)
+  _expect(len(set(tasks)) == len(tasks), "tasks.names", "no duplicates", tasks)
+  _expect(len(c.tasks.weights) == len(tasks), "tasks.weights",
+          f"one weight per task ({len(tasks)})", tuple(c.tasks.weights))
+  _expect(all(w >= 0 for w in c.tasks.weights) and sum(c.tasks.weights) > 0, "tasks.weights",
+          "non-negative weights with a positive sum", tuple(c.tasks.weights))
+  s = c.shaping
+  _expect(0 <= s.format_weight and 0 <= s.length.weight and
+          s.format_weight + (s.length.weight if s.length.enabled else 0.0) < 1.0,
+          "shaping.format_weight/length.weight", "w_fmt + w_len < 1 (SPEC §4)",
+          (s.format_weight, s.length.weight))
+  _expect(s.entropy.lam >= 0, "shaping.entropy.lam", "λ >= 0", s.entropy.lam)
+  _expect(s.entropy.estimator in ("sampled", "full"), "shaping.entropy.estimator",
+          "'sampled' or 'full'", s.entropy.estimator)
+  for name in tasks:
+    lo_hi = _per_task(s.entropy.bounds, name, "shaping.entropy.bounds")
+    _expect(len(lo_hi) == 2 and 0 <= lo_hi[0] <= lo_hi[1], f"shaping.entropy.bounds.{name}",
+            "(H_min, H_max) with 0 <= H_min <= H_max", lo_hi)
+    th = _per_task(s.length.thresholds, name, "shaping.length.thresholds")
+    _expect(len(th) == 4 and th[0] < th[1] <= th[2] < th[3],
+            f"shaping.length.thresholds.{name}", "(L_min, L_low, L_high, L_max) with "
+            "L_min < L_low <= L_high < L_max (SPEC §4)", th)
+  m = c.mesh
+  for ax in ("data", "fsdp", "tensor"):
+    _expect(m[ax] == -1 or m[ax] >= 1, f"mesh.{ax}", "-1 (all remaining devices) or >= 1", m[ax])
+  _expect([m.data, m.fsdp, m.tensor].count(-1) <= 1, "mesh", "at most one axis set to -1",
+          (m.data, m.fsdp, m.tensor))
+  t = c.train
+  for key in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite"):
+    _expect(t[key] >= 0 if key == "num_steps" else t[key] >= 1, f"train.{key}",
+            ">= 1" if key != "num_steps" else ">= 0", t[key])
+  _expect(c.optimizer.lr > 0, "optimizer.lr", "> 0", c.optimizer.lr)
+  return config
+
+
+def _per_task(section: ConfigDict, task: str, where: str) -> tuple:
+  if task not in section:
+    raise ConfigError(f"config.{where} has no entry for task {task!r}; entries: "
+                      f"{_valid_keys(section)}")
+  return tuple(section[task])
