@@ -22,3 +22,11 @@ from g2rpo_jax.models.interface import (
     split_model,
     to_dtype,
 )
+from g2rpo_jax.models.tokenizer import CharTokenizer, HFTokenizer
+from g2rpo_jax.models.tiny_vlm import (
+    SIZES as TINY_VLM_SIZES,
+    TinyVLM,
+    TinyVLMConfig,
+    TinyVLMProcessor,
+    tiny_vlm_config,
+)

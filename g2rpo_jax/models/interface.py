@@ -9,7 +9,7 @@ engine (`g2rpo_jax/rollout.py`) and the trainer. The contract, in data-flow orde
       the model-specific vision inputs. A prompt longer than P is an error, never a truncation.
 
   PolicyModel (an `nnx.Module`)
-      hidden_states(prompt, response_tokens) -> f32[B, P + T, E]   full-sequence path
+      hidden_states(prompt, response_tokens) -> [B, P + T, E]      full-sequence path
       logits(hidden: [..., E]) -> f32[..., V]                      the output head alone
       prefill(prompt, cache_size) -> (f32[B, V], KVCache)          logits after the prompt
       decode(tokens: i32[B], cache) -> (f32[B, V], KVCache)        one new token per row
@@ -206,7 +206,7 @@ class PolicyModel(nnx.Module):
   def hidden_states(self, prompt: PromptBatch, response_tokens: Array) -> Array:
     """Full-sequence path. response_tokens: i32[B, T] (every response token is treated as a real
     token: causality means tokens after a row's EOS cannot change earlier positions).
-    Returns f32[B, P + T, E] hidden states AFTER the final norm, so `logits(h)` is only the head.
+    Returns [B, P + T, E] hidden states (compute dtype) AFTER the final norm, so `logits(h)` is only the head.
     Position t's hidden state predicts token t + 1."""
     raise NotImplementedError
 
@@ -357,9 +357,15 @@ _REGISTRY: dict[str, ModelEntry] = {}
 def register_model(name: str, *, build_model: Callable, build_processor: Callable) -> None:
   """Register a model family. build_model(config, rngs) -> PolicyModel; build_processor(config)
   -> Processor. Both receive the config as given (dataclass, dict or ConfigDict)."""
-  if name in _REGISTRY and _REGISTRY[name] != ModelEntry(build_model, build_processor):
-    raise ValueError(f"model {name!r} is already registered by another builder")
+  old = _REGISTRY.get(name)
+  if old is not None and _origin(old.build_model) != _origin(build_model):
+    raise ValueError(f"model {name!r} is already registered by {_origin(old.build_model)}")
   _REGISTRY[name] = ModelEntry(build_model, build_processor)
+
+
+def _origin(fn) -> str:
+  # Re-importing a module re-registers new function objects of the same origin: allowed.
+  return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
 def registered_models() -> list[str]:

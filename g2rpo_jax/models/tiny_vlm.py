@@ -1,0 +1,452 @@
+"""The built-in policy `tiny_vlm`: a small vision-language model in flax.nnx, plus its processor.
+
+Architecture: a ViT-style encoder (square images cut into patches, learned position embeddings,
+pre-norm bidirectional blocks) whose patch embeddings are projected into the text width and
+scattered, in order, onto the image placeholder tokens of the prompt; then a decoder-only
+transformer (RoPE, RMSNorm, gated-SiLU MLP, optional grouped KV heads, tied or untied output).
+Sizes are presets (`SIZES`, `tiny_vlm_config(size, **overrides)`); `vision=False` gives the
+text-only decoder of the same family.
+
+Positions: a left-padded row's first real token has position 0 (cumsum of the mask), so a
+prompt's result does not depend on how much padding it got.
+
+Implements `interface.PolicyModel` / `interface.Processor`; registered as "tiny_vlm".
+Must not import the trainer, rollout or tasks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from g2rpo_jax.models import interface
+from g2rpo_jax.models.interface import KVCache, PromptBatch
+from g2rpo_jax.models.tokenizer import CharTokenizer
+
+Array = jax.Array
+_NEG = -1e30  # additive mask value; finite so a fully masked (padding) query row stays NaN-free
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyVLMConfig:
+  """Everything that defines a tiny_vlm (dtypes as strings so the config stays serialisable)."""
+  name: str = "tiny_vlm"
+  vocab_size: int = 106          # CharTokenizer's; may be larger (extra rows are never produced)
+  width: int = 256
+  mlp_dim: int = 768
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 64
+  rope_theta: float = 10_000.0
+  tie_embeddings: bool = True
+  norm_eps: float = 1e-6
+  # Vision tower; vision=False drops it (text-only prompts).
+  vision: bool = True
+  image_size: int = 32
+  patch_size: int = 8
+  vit_width: int = 128
+  vit_layers: int = 2
+  vit_heads: int = 4
+  vit_mlp_dim: int = 512
+  # Token ids the model must know (those of CharTokenizer by default).
+  image_token_id: int = 3
+  # The processor's fixed prompt length P (left-padded).
+  max_prompt_len: int = 64
+  dtype: str = "float32"         # compute
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads "
+                       f"{self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+    if self.vision:
+      if self.image_size % self.patch_size:
+        raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size "
+                         f"{self.patch_size}")
+      if self.vit_width % self.vit_heads:
+        raise ValueError(f"vit_width {self.vit_width} must be a multiple of vit_heads "
+                         f"{self.vit_heads}")
+    interface.to_dtype(self.dtype)
+    interface.to_dtype(self.param_dtype)
+
+  @property
+  def num_image_tokens(self) -> int:
+    return (self.image_size // self.patch_size) ** 2 if self.vision else 0
+
+
+SIZES = {
+    # For tests: tens of thousands of parameters.
+    "nano": dict(width=64, mlp_dim=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                 vit_width=32, vit_layers=1, vit_heads=2, vit_mlp_dim=64, image_size=16,
+                 patch_size=8, max_prompt_len=32),
+    "small": dict(width=128, mlp_dim=384, num_layers=3, num_heads=4, num_kv_heads=2,
+                  head_dim=32, vit_width=64, vit_layers=2, vit_heads=2, vit_mlp_dim=256),
+    "default": {},  # ~3.4M parameters
+    "base": dict(width=384, mlp_dim=1152, num_layers=6, num_heads=6, num_kv_heads=2,
+                 head_dim=64, vit_width=192, vit_layers=3, vit_heads=4, vit_mlp_dim=768),
+    # The text-only decoder of the performance issue's standard workload (~5.2M parameters).
+    "peer": dict(vision=False, vocab_size=2048, width=256, mlp_dim=1024, num_layers=4,
+                 num_heads=4, num_kv_heads=4, head_dim=64, tie_embeddings=False),
+}
+
+
+def tiny_vlm_config(size: str = "default", **overrides) -> TinyVLMConfig:
+  if size not in SIZES:
+    raise ValueError(f"unknown tiny_vlm size {size!r}; expected one of {sorted(SIZES)}")
+  return TinyVLMConfig(**{**SIZES[size], **overrides})
+
+
+# ------------------------------------------------------------------------------------------------
+# Layers
+# ------------------------------------------------------------------------------------------------
+
+
+def _param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
+  return nnx.Param(init(rngs.params(), shape, dtype), eager_sharding=False, out_sharding=names)
+
+
+def _fan_in(in_axis, out_axis):
+  return nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                           in_axis=in_axis, out_axis=out_axis)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, param_dtype, *, rngs: nnx.Rngs):
+    self.scale = _param(rngs, nnx.initializers.ones, (dim,), ("embed",), param_dtype)
+    self.eps = eps
+
+  def __call__(self, x: Array) -> Array:
+    # Statistics in f32 whatever the compute dtype: bf16 mean-of-squares loses too much.
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale.value.astype(jnp.float32)).astype(x.dtype)
+
+
+class GatedMLP(nnx.Module):
+
+  def __init__(self, width: int, hidden: int, param_dtype, *, rngs: nnx.Rngs):
+    init = _fan_in(0, 1)
+    self.gate = _param(rngs, init, (width, hidden), ("embed", "mlp"), param_dtype)
+    self.up = _param(rngs, init, (width, hidden), ("embed", "mlp"), param_dtype)
+    self.down = _param(rngs, init, (hidden, width), ("mlp", "embed"), param_dtype)
+
+  def __call__(self, x: Array) -> Array:
+    dt = x.dtype
+    h = jax.nn.silu(x @ self.gate.value.astype(dt)) * (x @ self.up.value.astype(dt))
+    return h @ self.down.value.astype(dt)
+
+
+def rope(x: Array, pos: Array, theta: float) -> Array:
+  """Rotary embedding (half-split convention). x: [B, T, H, D]; pos: i32[B, T]."""
+  d = x.shape[-1]
+  freqs = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)
+  ang = pos.astype(jnp.float32)[..., None] * freqs            # [B, T, D/2]
+  cos, sin = jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
+  xf = x.astype(jnp.float32)
+  x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """Grouped-query attention. q: [B, T, H, D]; k, v: [B, S, Hkv, D]; mask: bool[B, T, S].
+  Returns [B, T, H, D]. Scores and softmax in f32."""
+  b, t, h, d = q.shape
+  hkv = k.shape[2]
+  qg = q.reshape(b, t, hkv, h // hkv, d)
+  s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+  s = s * (1.0 / math.sqrt(d))
+  s = jnp.where(mask[:, None, None], s, _NEG)
+  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+  o = jnp.einsum("bkgts,bskd->btkgd", p, v)
+  return o.reshape(b, t, h, d)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, width, num_heads, num_kv_heads, head_dim, param_dtype, *, rngs):
+    self.wq = _param(rngs, _fan_in(0, (1, 2)), (width, num_heads, head_dim),
+                     ("embed", "heads", "head_dim"), param_dtype)
+    self.wk = _param(rngs, _fan_in(0, (1, 2)), (width, num_kv_heads, head_dim),
+                     ("embed", "kv_heads", "head_dim"), param_dtype)
+    self.wv = _param(rngs, _fan_in(0, (1, 2)), (width, num_kv_heads, head_dim),
+                     ("embed", "kv_heads", "head_dim"), param_dtype)
+    self.wo = _param(rngs, _fan_in((0, 1), 2), (num_heads, head_dim, width),
+                     ("heads", "head_dim", "embed"), param_dtype)
+
+  def qkv(self, x: Array):
+    dt = x.dtype
+    q = jnp.einsum("bte,ehd->bthd", x, self.wq.value.astype(dt))
+    k = jnp.einsum("bte,ehd->bthd", x, self.wk.value.astype(dt))
+    v = jnp.einsum("bte,ehd->bthd", x, self.wv.value.astype(dt))
+    return q, k, v
+
+  def out(self, o: Array) -> Array:
+    return jnp.einsum("bthd,hde->bte", o, self.wo.value.astype(o.dtype))
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block; `rope_theta=None` means no rotary positions (the ViT)."""
+
+  def __init__(self, width, mlp_dim, num_heads, num_kv_heads, head_dim, eps, param_dtype,
+               rope_theta, *, rngs):
+    self.attn_norm = RMSNorm(width, eps, param_dtype, rngs=rngs)
+    self.attn = Attention(width, num_heads, num_kv_heads, head_dim, param_dtype, rngs=rngs)
+    self.mlp_norm = RMSNorm(width, eps, param_dtype, rngs=rngs)
+    self.mlp = GatedMLP(width, mlp_dim, param_dtype, rngs=rngs)
+    self.rope_theta = rope_theta
+
+  def _qkv(self, x, pos):
+    q, k, v = self.attn.qkv(self.attn_norm(x))
+    if self.rope_theta is not None:
+      q, k = rope(q, pos, self.rope_theta), rope(k, pos, self.rope_theta)
+    return q, k, v
+
+  def _finish(self, x, o):
+    x = x + self.attn.out(o)
+    return x + self.mlp(self.mlp_norm(x))
+
+  def __call__(self, x: Array, pos: Array | None, mask: Array):
+    """Whole-sequence pass. x: [B, T, E]; mask: bool[B, T, T]. Returns (x, k, v)."""
+    q, k, v = self._qkv(x, pos)
+    return self._finish(x, attend(q, k, v, mask)), k, v
+
+  def decode(self, x: Array, pos: Array, mask: Array, k_cache: Array, v_cache: Array, idx):
+    """One token per row. x: [B, 1, E]; mask: bool[B, 1, S]; caches [B, S, Hkv, D] get the new
+    key/value at slot `idx` (a scalar) before attending."""
+    q, k, v = self._qkv(x, pos)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, idx, 0, 0))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, idx, 0, 0))
+    return self._finish(x, attend(q, k_cache, v_cache, mask)), k_cache, v_cache
+
+
+class VisionEncoder(nnx.Module):
+  """Square image -> one embedding per patch, projected to the text width: [B, N, E]."""
+
+  def __init__(self, c: TinyVLMConfig, *, rngs: nnx.Rngs):
+    pdt = interface.to_dtype(c.param_dtype)
+    n = c.num_image_tokens
+    patch_dim = c.patch_size * c.patch_size * 3
+    self.patch_size = c.patch_size
+    self.patch_embed = _param(rngs, _fan_in(0, 1), (patch_dim, c.vit_width), ("patch", "embed"),
+                              pdt)
+    self.pos_embed = _param(rngs, nnx.initializers.normal(0.02), (n, c.vit_width),
+                            (None, "embed"), pdt)
+    self.blocks = nnx.List([
+        Block(c.vit_width, c.vit_mlp_dim, c.vit_heads, c.vit_heads, c.vit_width // c.vit_heads,
+              c.norm_eps, pdt, None, rngs=rngs) for _ in range(c.vit_layers)])
+    self.norm = RMSNorm(c.vit_width, c.norm_eps, pdt, rngs=rngs)
+    self.proj1 = _param(rngs, _fan_in(0, 1), (c.vit_width, c.width), (None, "embed"), pdt)
+    self.proj2 = _param(rngs, _fan_in(0, 1), (c.width, c.width), ("embed", "mlp"), pdt)
+
+  def __call__(self, pixels: Array, dtype) -> Array:
+    b, hgt, wid, ch = pixels.shape
+    p = self.patch_size
+    x = pixels.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+    x = x.reshape(b, hgt // p, p, wid // p, p, ch).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, (hgt // p) * (wid // p), p * p * ch).astype(dtype)
+    x = x @ self.patch_embed.value.astype(dtype) + self.pos_embed.value.astype(dtype)
+    n = x.shape[1]
+    full = jnp.ones((b, n, n), bool)
+    for blk in self.blocks:
+      x, _, _ = blk(x, None, full)
+    x = self.norm(x)
+    x = jax.nn.gelu(x @ self.proj1.value.astype(dtype))
+    return x @ self.proj2.value.astype(dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# The model
+# ------------------------------------------------------------------------------------------------
+
+
+class TinyVLM(interface.PolicyModel):
+  """See the module docstring. All shapes as in `interface.PolicyModel`."""
+
+  def __init__(self, config, *, rngs: nnx.Rngs):
+    c = interface.config_from_mapping(TinyVLMConfig, config)
+    self.config = c
+    pdt = interface.to_dtype(c.param_dtype)
+    self.dtype = interface.to_dtype(c.dtype)
+    # Embedding rows have norm ~1 so that a tied head gives O(1) logits; inputs are scaled up by
+    # sqrt(width) to unit RMS per coordinate.
+    self.embed = _param(rngs, nnx.initializers.normal(1.0 / math.sqrt(c.width)),
+                        (c.vocab_size, c.width), ("vocab", "embed"), pdt)
+    self.vision = VisionEncoder(c, rngs=rngs) if c.vision else None
+    self.layers = nnx.List([
+        Block(c.width, c.mlp_dim, c.num_heads, c.num_kv_heads, c.head_dim, c.norm_eps, pdt,
+              c.rope_theta, rngs=rngs) for _ in range(c.num_layers)])
+    self.final_norm = RMSNorm(c.width, c.norm_eps, pdt, rngs=rngs)
+    self.head = None if c.tie_embeddings else _param(
+        rngs, _fan_in(0, 1), (c.width, c.vocab_size), ("embed", "vocab"), pdt)
+
+  # -- embeddings ----------------------------------------------------------------------------
+
+  def _embed_tokens(self, tokens: Array) -> Array:
+    e = jnp.take(self.embed.value, tokens, axis=0).astype(self.dtype)
+    return e * jnp.asarray(math.sqrt(self.config.width), self.dtype)
+
+  def _embed_prompt(self, prompt: PromptBatch) -> Array:
+    x = self._embed_tokens(prompt.tokens)
+    if self.vision is None or prompt.vision is None:
+      return x
+    img = self.vision(prompt.vision["pixels"], self.dtype)           # [B, N, E]
+    is_img = (prompt.tokens == self.config.image_token_id) & prompt.mask
+    # The k-th placeholder of a row takes the k-th patch embedding (a scatter in order, done as
+    # a gather so it stays one fused op).
+    k = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, img.shape[1] - 1)
+    picked = jnp.take_along_axis(img, k[..., None], axis=1)
+    return jnp.where(is_img[..., None], picked, x)
+
+  @staticmethod
+  def _prompt_positions(mask: Array) -> Array:
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+
+  # -- interface -----------------------------------------------------------------------------
+
+  def logits(self, hidden: Array) -> Array:
+    dt = hidden.dtype
+    w = self.embed.value.T if self.head is None else self.head.value
+    return jnp.matmul(hidden, w.astype(dt), preferred_element_type=jnp.float32)
+
+  def _run(self, x, pos, mask):
+    ks, vs = [], []
+    for blk in self.layers:
+      x, k, v = blk(x, pos, mask)
+      ks.append(k)
+      vs.append(v)
+    return self.final_norm(x), ks, vs
+
+  def hidden_states(self, prompt: PromptBatch, response_tokens: Array) -> Array:
+    t = response_tokens.shape[1]
+    x = jnp.concatenate([self._embed_prompt(prompt), self._embed_tokens(response_tokens)], 1)
+    n_valid = jnp.sum(prompt.mask.astype(jnp.int32), axis=1)
+    pos = jnp.concatenate([self._prompt_positions(prompt.mask),
+                           n_valid[:, None] + jnp.arange(t, dtype=jnp.int32)[None]], axis=1)
+    valid = jnp.concatenate([prompt.mask.astype(bool), jnp.ones(response_tokens.shape, bool)], 1)
+    n = x.shape[1]
+    causal = jnp.tril(jnp.ones((n, n), bool))
+    h, _, _ = self._run(x, pos, causal[None] & valid[:, None, :])
+    return h
+
+  def prefill(self, prompt: PromptBatch, cache_size: int) -> tuple[Array, KVCache]:
+    b, p = prompt.tokens.shape
+    if cache_size < p:
+      raise ValueError(f"cache_size {cache_size} is smaller than the prompt length {p}")
+    valid = prompt.mask.astype(bool)
+    causal = jnp.tril(jnp.ones((p, p), bool))
+    h, ks, vs = self._run(self._embed_prompt(prompt), self._prompt_positions(prompt.mask),
+                          causal[None] & valid[:, None, :])
+    pad = ((0, 0), (0, cache_size - p), (0, 0), (0, 0))
+    cache = KVCache(
+        k=tuple(jnp.pad(k, pad) for k in ks), v=tuple(jnp.pad(v, pad) for v in vs),
+        valid=jnp.pad(valid, ((0, 0), (0, cache_size - p))),
+        next_pos=jnp.sum(valid, axis=1, dtype=jnp.int32),
+        index=jnp.full((b,), p, jnp.int32))
+    return self.logits(h[:, -1]), cache
+
+  def decode(self, tokens: Array, cache: KVCache) -> tuple[Array, KVCache]:
+    b = tokens.shape[0]
+    idx = cache.index[0]  # rows decode in lock-step (see KVCache)
+    x = self._embed_tokens(tokens[:, None])
+    pos = cache.next_pos[:, None]
+    valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones((b, 1), bool), (0, idx))
+    mask = valid[:, None, :]
+    ks, vs = [], []
+    for blk, kc, vc in zip(self.layers, cache.k, cache.v):
+      x, kc, vc = blk.decode(x, pos, mask, kc, vc, idx)
+      ks.append(kc)
+      vs.append(vc)
+    logits = self.logits(self.final_norm(x)[:, 0])
+    return logits, KVCache(k=tuple(ks), v=tuple(vs), valid=valid, next_pos=cache.next_pos + 1,
+                           index=cache.index + 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Processor
+# ------------------------------------------------------------------------------------------------
+
+
+class TinyVLMProcessor:
+  """prompts + images -> PromptBatch for tiny_vlm (see `interface.Processor`).
+
+  Row layout: PAD.. BOS text-before-marker IMAGE*N text-after-marker, left-padded to
+  `max_prompt_len`. Images must be uint8[H, W, 3]; other sizes than `image_size` are resized
+  (bilinear) so tasks can render at any resolution.
+  vision = {"pixels": u8[B, image_size, image_size, 3]} (zeros for rows without an image).
+  """
+
+  def __init__(self, config, tokenizer=None):
+    self.config = c = interface.config_from_mapping(TinyVLMConfig, config)
+    self.tokenizer = tokenizer if tokenizer is not None else CharTokenizer()
+    self.max_prompt_len = c.max_prompt_len
+    if self.tokenizer.vocab_size > c.vocab_size:
+      raise ValueError(f"tokenizer vocab_size {self.tokenizer.vocab_size} exceeds the model's "
+                       f"vocab_size {c.vocab_size}")
+    if c.vision and self.tokenizer.image_id != c.image_token_id:
+      raise ValueError(f"tokenizer image_id {self.tokenizer.image_id} != config.image_token_id "
+                       f"{c.image_token_id}")
+
+  def _image(self, i: int, img) -> np.ndarray:
+    c = self.config
+    img = np.asarray(img)
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+      raise ValueError(f"image {i}: expected uint8[H, W, 3], got {img.dtype}{list(img.shape)}")
+    if img.shape[:2] != (c.image_size, c.image_size):
+      from PIL import Image  # pylint: disable=g-import-not-at-top
+      img = np.asarray(Image.fromarray(img).resize((c.image_size, c.image_size),
+                                                   Image.BILINEAR))
+    return img
+
+  def _ids(self, i: int, text: str, has_image: bool) -> list[int]:
+    tok = self.tokenizer
+    parts = text.split(interface.IMAGE_MARKER)
+    if len(parts) > 2:
+      raise ValueError(f"prompt {i}: at most one {interface.IMAGE_MARKER!r} marker per prompt, "
+                       f"found {len(parts) - 1}")
+    if not has_image:
+      if len(parts) == 2:
+        raise ValueError(f"prompt {i} has an {interface.IMAGE_MARKER!r} marker but no image")
+      return [tok.bos_id] + tok.encode(text)
+    before, after = parts if len(parts) == 2 else ("", parts[0])
+    img = [tok.image_id] * self.config.num_image_tokens
+    return [tok.bos_id] + tok.encode(before) + img + tok.encode(after)
+
+  def __call__(self, prompts: Sequence[str], images=None) -> PromptBatch:
+    c = self.config
+    b = len(prompts)
+    if images is None:
+      images = [None] * b
+    if len(images) != b:
+      raise ValueError(f"got {b} prompts but {len(images)} images (one per prompt, or None)")
+    if not c.vision and any(im is not None for im in images):
+      raise ValueError("this tiny_vlm config has vision=False but images were given")
+    p = self.max_prompt_len
+    tokens = np.full((b, p), self.tokenizer.pad_id, np.int32)
+    mask = np.zeros((b, p), bool)
+    pixels = np.zeros((b, c.image_size, c.image_size, 3), np.uint8) if c.vision else None
+    for i, (text, img) in enumerate(zip(prompts, images)):
+      ids = self._ids(i, text, img is not None)
+      if len(ids) > p:
+        raise ValueError(f"prompt {i} is {len(ids)} tokens (with BOS and image tokens), longer "
+                         f"than max_prompt_len={p}")
+      tokens[i, p - len(ids):] = ids
+      mask[i, p - len(ids):] = True
+      if img is not None:
+        pixels[i] = self._image(i, img)
+    return PromptBatch(tokens=tokens, mask=mask,
+                       vision={"pixels": pixels} if c.vision else None)
+
+
+interface.register_model(
+    "tiny_vlm",
+    build_model=lambda config, rngs: TinyVLM(config, rngs=rngs),
+    build_processor=lambda config: TinyVLMProcessor(config))
