@@ -23,12 +23,13 @@ ROLES = {
     "chart": "hybrid",
 }
 # (L_min, L_low, L_high, L_max) in response TOKENS (the tokenizer is character-level, tags are
-# one token each), chosen around the demonstrations' lengths: a perception answer with a short
-# thought is ~10-40 tokens, a written arithmetic chain ~30-90.
+# one token each, EOS counts). The demonstrations are 7-29 tokens for perception tasks, 21-35 for
+# hybrids and 23-25 for the arithmetic chain; each window holds its role's demonstrations on the
+# plateau and lets the role's natural length drift without leaving it.
 LENGTH_WINDOWS = {
-    "perception": (4, 10, 40, 64),
-    "hybrid": (6, 14, 56, 88),
-    "reasoning": (10, 24, 90, 128),
+    "perception": (1, 4, 30, 48),
+    "hybrid": (4, 12, 40, 56),
+    "reasoning": (8, 20, 48, 64),
 }
 
 
@@ -45,21 +46,21 @@ def base_config(tasks=ALL_TASKS) -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "tiny_vlm"
-  c.model.size = "small"
+  c.model.size = "small"  # a tiny_vlm preset: nano / small / default / base
+  c.model.max_prompt_len = 72  # longest task prompt: 49 chars + BOS + 16 image tokens
   c.model.param_dtype = "float32"
   c.model.dtype = "float32"
 
   c.tasks = ml_collections.ConfigDict()
   c.tasks.names = tuple(tasks)
   c.tasks.weights = tuple(1.0 for _ in tasks)
-  c.tasks.difficulty = 1
   c.tasks.data_dir = ""  # "" = <workdir>/data
   c.tasks.train_size = 2048  # examples per task in the train split
   c.tasks.eval_size = 64  # held-out examples per task scored by evaluation
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.group_size = 8
-  c.rollout.max_new_tokens = 96
+  c.rollout.max_new_tokens = 48
   c.rollout.temperature = 1.0
   c.rollout.top_p = 1.0
   c.rollout.top_k = 0
@@ -93,7 +94,8 @@ def base_config(tasks=ALL_TASKS) -> ml_collections.ConfigDict:
   c.shaping.entropy = ml_collections.ConfigDict()
   c.shaping.entropy.enabled = True
   c.shaping.entropy.lam = 0.02
-  c.shaping.entropy.estimator = "sampled"  # mean NLL of sampled tokens (SPEC §5) or "full"
+  # "sampled_nll": mean −log π(sampled token) (SPEC §5, released code); "full_vocab": exact.
+  c.shaping.entropy.estimator = "sampled_nll"
   c.shaping.entropy.bounds = _per_task({t: (0.2, 0.6) for t in tasks})
 
   c.filtering = ml_collections.ConfigDict()

@@ -204,8 +204,8 @@ def validate(config: ConfigDict) -> ConfigDict:
           "shaping.format_weight/length.weight", "w_fmt + w_len < 1 (SPEC §4)",
           (s.format_weight, s.length.weight))
   _expect(s.entropy.lam >= 0, "shaping.entropy.lam", "λ >= 0", s.entropy.lam)
-  _expect(s.entropy.estimator in ("sampled", "full"), "shaping.entropy.estimator",
-          "'sampled' or 'full'", s.entropy.estimator)
+  _expect(s.entropy.estimator in ("sampled_nll", "full_vocab"), "shaping.entropy.estimator",
+          "'sampled_nll' or 'full_vocab'", s.entropy.estimator)
   for name in tasks:
     lo_hi = _per_task(s.entropy.bounds, name, "shaping.entropy.bounds")
     _expect(len(lo_hi) == 2 and 0 <= lo_hi[0] <= lo_hi[1], f"shaping.entropy.bounds.{name}",

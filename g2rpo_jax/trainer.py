@@ -1,0 +1,1043 @@
+"""The G²RPO training job: warm start, RL on a task mixture, evaluation, checkpoints, metrics.
+
+`train_and_evaluate(config, workdir)` is the whole job (big_vision style). Its device work is a
+few pure jitted functions of (state, arrays); the Python loop only orchestrates:
+
+  rollout    `rollout.generate` (jitted, KV cache) on a prompt batch -> tokens, old log-probs
+  rewards    on host: accuracy + format from the task, length reward per task (shaping.py);
+             a reward function that raises or returns NaN gives 0 and is counted per task
+  filtering  groups whose mean accuracy is <= low or >= high are dropped and the batch refilled
+             by further sampling rounds (SPEC §3); still-missing groups are masked padding
+  advantages `advantages.get_estimator(name)` over the batch, pool = reward type (SPEC §2)
+  update     `train_step(state, batch) -> (state, metrics)`: several optimizer steps on
+             mini-batches (lax.scan) against the rollout's old log-probs, with the per-task
+             entropy band (SPEC §5); a non-finite loss or gradient skips that update and counts
+             it in the state, so the host can stop after K in a row.
+
+State layout (one pytree, sharded by the mesh, donated to `train_step`): params (pure dict of the
+model's variables), optimizer state, step, RNG key data, non-finite counters. Host-side state
+(data iterator position, per-task reward-failure counters, warm-start scores) travels in the
+checkpoint's JSON item.
+
+Determinism: everything random derives from (config.seed, step), and the prompt sampler's
+position is checkpointed, so a resumed run repeats an uninterrupted one exactly on CPU.
+
+This module is the top of the library's data flow: it imports the math modules, models, rollout
+and tasks; none of them may import it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from flax import struct
+
+from g2rpo_jax import checkpointing
+from g2rpo_jax import config_utils
+from g2rpo_jax import diagnostics
+from g2rpo_jax import losses
+from g2rpo_jax import metrics as metrics_lib
+from g2rpo_jax import shaping
+from g2rpo_jax import sharding as sharding_lib
+from g2rpo_jax.models import interface as model_api
+
+Array = jax.Array
+ROW_AXES = ("data", "fsdp")  # batch rows are split over both data-parallel axes
+
+
+class NonFiniteError(RuntimeError):
+  """Raised after `train.max_nonfinite` non-finite updates in a row."""
+
+
+# ------------------------------------------------------------------------------------------
+# State and batch.
+
+@struct.dataclass
+class TrainState:
+  """Everything the jitted update reads and writes; a pytree, checkpointed whole.
+
+  params: the model's variables as a pure nested dict (`nnx.State.to_pure_dict()`).
+  opt_state: optax state of `make_optimizer`.
+  step: i32[] RL steps done. rng: u32[2] key data (raw, so it checkpoints as a plain array).
+  nonfinite_streak: i32[] consecutive skipped updates; nonfinite_total: i32[] all skipped.
+  """
+  params: Any
+  opt_state: Any
+  step: Array
+  rng: Array
+  nonfinite_streak: Array
+  nonfinite_total: Array
+
+
+@struct.dataclass
+class RLBatch:
+  """One rollout batch ready for the update; N = prompts × group size rows, T response tokens.
+
+  prompt: PromptBatch with N rows (each prompt repeated G times).
+  tokens: i32[N, T] response tokens; mask: bool[N, T] real response tokens (False for masked
+    rows, i.e. filtered-out padding groups).
+  old_logprobs: f32[N, T] log π_old of the sampled tokens (from the rollout).
+  advantages: f32[N]; task_ids: i32[N] dense index into config.tasks.names (entropy band).
+  ref_logprobs: f32[N, T] log π_ref, only when the KL term is on (else None).
+  """
+  prompt: Any
+  tokens: Array
+  mask: Array
+  old_logprobs: Array
+  advantages: Array
+  task_ids: Array
+  ref_logprobs: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """The static (hashable) part of the update: everything `train_step` needs besides arrays."""
+  num_tasks: int
+  num_minibatches: int
+  temperature: float
+  loss: losses.PolicyLossConfig
+  entropy_enabled: bool
+  entropy_estimator: str
+  entropy_lam: float
+  h_min: tuple
+  h_max: tuple
+  nan_loss_steps: tuple = ()
+
+
+def step_config(config: ml_collections.ConfigDict) -> StepConfig:
+  names = tuple(config.tasks.names)
+  ent = config.shaping.entropy
+  loss_cfg = losses.PolicyLossConfig(
+      eps_low=config.loss.eps_low, eps_high=config.loss.eps_high,
+      dual_clip_c=config.loss.dual_clip, log_ratio_clamp=config.loss.log_ratio_clamp,
+      aggregation=config.loss.aggregation, norm_len=float(config.rollout.max_new_tokens),
+      kl_coef=config.loss.kl_coef, kl_estimator=config.loss.kl_estimator)
+  return StepConfig(
+      num_tasks=len(names), num_minibatches=config.batch.num_minibatches,
+      temperature=float(config.rollout.temperature), loss=loss_cfg,
+      entropy_enabled=bool(ent.enabled), entropy_estimator=ent.estimator,
+      entropy_lam=float(ent.lam),
+      h_min=tuple(float(ent.bounds[t][0]) for t in names),
+      h_max=tuple(float(ent.bounds[t][1]) for t in names),
+      nan_loss_steps=tuple(int(s) for s in config.debug.nan_loss_steps))
+
+
+def make_optimizer(config: ml_collections.ConfigDict, lr: float | None = None):
+  """Grad-norm clip + AdamW with a constant (optionally warmed-up) schedule (SPEC §3)."""
+  o = config.optimizer
+  peak = o.lr if lr is None else lr
+  schedule = (optax.linear_schedule(0.0, peak, o.warmup_steps) if o.warmup_steps > 0
+              else optax.constant_schedule(peak))
+  tx = optax.chain(
+      optax.clip_by_global_norm(o.grad_clip),
+      optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+  return tx, schedule
+
+
+# ------------------------------------------------------------------------------------------
+# Pure device functions.
+
+def _response_logprobs(graphdef, params, batch: RLBatch, temperature: float, full_entropy: bool):
+  out = model_api.sequence_logprobs(graphdef, params, batch.prompt, batch.tokens, batch.mask,
+                                    temperature=temperature, return_entropy=full_entropy)
+  return out if full_entropy else (out, None)
+
+
+def rl_loss(params, graphdef, batch: RLBatch, cfg: StepConfig, weights: Array | None = None):
+  """Total loss of one mini-batch: clipped policy loss (+β·KL) + entropy band (SPEC §3, §5).
+
+  `weights: f32[N]` (optional) scales each row's share, for per-task gradient norms; the
+  normaliser stays the full mini-batch's so the task losses add up to the loss.
+  Returns (loss f32[], aux dict).
+  """
+  mask = batch.mask.astype(jnp.float32)
+  logp, full_ent = _response_logprobs(graphdef, params, batch, cfg.temperature,
+                                      cfg.entropy_enabled and cfg.entropy_estimator == "full_vocab")
+  pg_mask = mask if weights is None else mask * weights[:, None]
+  pg, pg_metrics = losses.policy_loss(logp, batch.old_logprobs, batch.advantages, pg_mask,
+                                      ref_logprobs=batch.ref_logprobs, config=cfg.loss)
+  if weights is not None:
+    full, _ = losses.policy_loss(logp, batch.old_logprobs, batch.advantages, mask,
+                                 ref_logprobs=batch.ref_logprobs, config=cfg.loss)
+    pg = losses.SumCount(pg.sum, jax.lax.stop_gradient(full.count))
+  loss = losses.safe_div(pg.sum, pg.count)
+  ent_tok = full_ent if full_ent is not None else shaping.sampled_token_nll(logp)
+  ent_mask = pg_mask
+  penalty, ent_metrics = shaping.entropy_band_penalty(
+      ent_tok, ent_mask, batch.task_ids, cfg.num_tasks, jnp.asarray(cfg.h_min),
+      jnp.asarray(cfg.h_max), coef=cfg.entropy_lam)
+  if cfg.entropy_enabled:
+    loss = loss + penalty
+  aux = dict(pg=pg_metrics, entropy_penalty=penalty, entropy_per_task=ent_metrics[
+      "entropy_per_task"], tokens_per_task=ent_metrics["tokens_per_task"])
+  return loss, aux
+
+
+def _split_minibatches(batch: RLBatch, m: int) -> RLBatch:
+  """[N, ...] -> [M, N/M, ...] taking rows m, m+M, m+2M, ... into mini-batch m.
+
+  Strided rather than contiguous so each mini-batch keeps an equal share of every device's rows
+  (no resharding under a row-sharded mesh) and a mix of prompts.
+  """
+  def split(x):
+    if x is None:
+      return None
+    n = x.shape[0]
+    if n % m:
+      raise ValueError(f"batch of {n} rows does not split into {m} mini-batches")
+    return jnp.swapaxes(x.reshape((n // m, m) + x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def train_step(state: TrainState, batch: RLBatch, *, graphdef, tx, cfg: StepConfig,
+               schedule: Callable) -> tuple[TrainState, dict]:
+  """Several optimizer updates on the mini-batches of one rollout batch (pure; jit it).
+
+  Each update whose loss or gradient norm is not finite is skipped (params and optimizer state
+  unchanged) and counted; `nonfinite_streak` counts consecutive skips across steps.
+  Returns the new state and metrics (means over the mini-batches; per-task arrays f32[K]).
+  """
+  minibatches = _split_minibatches(batch, cfg.num_minibatches)
+  grad_fn = jax.value_and_grad(rl_loss, has_aux=True)
+  nan_now = jnp.isin(state.step, jnp.asarray(cfg.nan_loss_steps or (-1,), jnp.int32))
+
+  def one_update(carry, mb):
+    params, opt_state, streak, total = carry
+    (loss, aux), grads = grad_fn(params, graphdef, mb, cfg)
+    # Test hook (config.debug.nan_loss_steps): poison this step's loss and gradients.
+    poison = jnp.where(nan_now, jnp.nan, 1.0)
+    loss = loss * poison
+    grads = jax.tree.map(lambda g: g * poison, grads)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    params = keep(new_params, params)
+    opt_state = keep(new_opt, opt_state)
+    streak = jnp.where(finite, 0, streak + 1)
+    total = total + (~finite).astype(jnp.int32)
+    out = dict(loss=loss, grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32),
+               entropy_penalty=aux["entropy_penalty"], pg=aux["pg"],
+               entropy_sum=aux["entropy_per_task"] * aux["tokens_per_task"],
+               entropy_count=aux["tokens_per_task"])
+    return (params, opt_state, streak, total), out
+
+  carry = (state.params, state.opt_state, state.nonfinite_streak, state.nonfinite_total)
+  (params, opt_state, streak, total), outs = jax.lax.scan(one_update, carry, minibatches)
+  metrics = {f"loss/{k}": v for k, v in losses.finish(_reduce_stacked(outs["pg"])).items()}
+  metrics.update({
+      "loss/total": jnp.mean(outs["loss"]),
+      "loss/entropy_penalty": jnp.mean(outs["entropy_penalty"]),
+      "grad_norm": jnp.mean(outs["grad_norm"]),
+      "skipped_updates": jnp.sum(outs["skipped"]),
+      "lr": schedule(state.step * cfg.num_minibatches),
+      "entropy_per_task": losses.safe_div(outs["entropy_sum"].sum(0),
+                                          outs["entropy_count"].sum(0)),
+  })
+  new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1,
+                            nonfinite_streak=streak, nonfinite_total=total)
+  return new_state, metrics
+
+
+def _reduce_stacked(tree):
+  """Reductions stacked over mini-batches (leading axis M) -> one reduction each (exact)."""
+  def red(x):
+    if isinstance(x, losses.SumCount):
+      return losses.SumCount(jnp.sum(x.sum, 0), jnp.sum(x.count, 0))
+    if isinstance(x, losses.Min):
+      return losses.Min(jnp.min(x.value, 0))
+    if isinstance(x, losses.Max):
+      return losses.Max(jnp.max(x.value, 0))
+    return jnp.mean(x, 0)
+  return jax.tree.map(red, tree, is_leaf=lambda x: isinstance(
+      x, (losses.SumCount, losses.Min, losses.Max)))
+
+
+def task_grad_norms(params, batch: RLBatch, *, graphdef, cfg: StepConfig) -> Array:
+  """‖∇L_τ‖ per task on the whole rollout batch (gradient equity, SPEC §7.2): f32[K]."""
+  def loss_fn(p, b, weights):
+    return rl_loss(p, graphdef, b, cfg, weights=weights)[0]
+  return diagnostics.per_task_grad_norms(loss_fn, params, batch, batch.task_ids, cfg.num_tasks,
+                                         mask=batch.mask.any(axis=-1))
+
+
+def sft_loss(params, graphdef, prompt, tokens, mask):
+  """Mean negative log-likelihood of demonstration tokens (the warm start's objective)."""
+  logp = model_api.sequence_logprobs(graphdef, params, prompt, tokens, mask)
+  m = mask.astype(jnp.float32)
+  return -jnp.sum(logp * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def sft_step(params, opt_state, prompt, tokens, mask, *, graphdef, tx):
+  loss, grads = jax.value_and_grad(sft_loss)(params, graphdef, prompt, tokens, mask)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, loss
+
+
+# ------------------------------------------------------------------------------------------
+# Mesh and shardings.
+
+def make_mesh(mesh_cfg, devices: Sequence | None = None) -> jax.sharding.Mesh:
+  """The (data, fsdp, tensor) mesh of `config.mesh` (one axis may be -1: the rest).
+
+  Axes are `Auto` (sharding propagated by the compiler from the inputs' and params'
+  shardings): the models index embeddings with row-sharded token ids, which explicit-axis
+  meshes (`jax.make_mesh`'s default) reject without per-op output shardings.
+  """
+  mesh = sharding_lib.make_mesh(int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor),
+                                devices=devices)
+  auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
+  return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
+
+
+def param_shardings(model_state, mesh):
+  """NamedShardings (pure dict) for the model's variables from their logical axis metadata."""
+  return sharding_lib.state_shardings(model_state, mesh).to_pure_dict()
+
+
+def row_sharding(mesh, ndim: int) -> jax.sharding.NamedSharding:
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(ROW_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh) -> jax.sharding.NamedSharding:
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def to_global(mesh, tree):
+  """Host (process-local) numpy rows -> global arrays sharded by rows over (data, fsdp).
+
+  Each process passes its own rows; the global batch is their concatenation in process order.
+  Leaves whose row count does not split over the row axes are replicated instead (small
+  prompt batches on many devices).
+  """
+  n_rows = mesh.shape["data"] * mesh.shape["fsdp"]
+  def put(x):
+    if x is None:
+      return None
+    x = np.asarray(x)
+    if x.ndim >= 1 and (x.shape[0] * jax.process_count()) % n_rows == 0:
+      return jax.make_array_from_process_local_data(row_sharding(mesh, x.ndim), x)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      x = multihost_utils.process_allgather(x, tiled=True)
+    return jax.device_put(x, replicated(mesh))
+  return jax.tree.map(put, tree)
+
+
+def to_local(x) -> np.ndarray:
+  """The rows of a global row-sharded array that belong to this process (all rows if 1 host)."""
+  if jax.process_count() == 1 or x.is_fully_addressable:
+    return np.asarray(x)
+  shards = {}
+  for s in x.addressable_shards:
+    start = s.index[0].start or 0
+    shards.setdefault(start, np.asarray(s.data))
+  return np.concatenate([shards[k] for k in sorted(shards)], axis=0)
+
+
+def all_hosts(x: np.ndarray) -> np.ndarray:
+  """Concatenation over processes of a host array (identity on one host)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
+
+
+# ------------------------------------------------------------------------------------------
+# Prompts.
+
+class PromptSampler:
+  """Deterministic, checkpointable draws of (task, train index) from the weighted task mixture.
+
+  The n-th draw of process p depends only on (seed, p, n), so `get_state()` is the draw count
+  and a restored sampler continues exactly. Each process draws its own disjoint stream (its
+  data shard). Examples are generated on demand by the task (and cached).
+  """
+
+  def __init__(self, tasks: Sequence, weights: Sequence[float], seed: int, train_size: int,
+               split: str = "train", process_index: int = 0, stream: str = "rl"):
+    self.tasks = list(tasks)
+    w = np.asarray(weights, np.float64)
+    self.probs = w / w.sum()
+    self.seed = seed
+    self.train_size = int(train_size)
+    self.split = split
+    self.process_index = process_index
+    self.stream = stream
+    self.position = 0
+    self._cache: dict = {}
+
+  def get_state(self) -> dict:
+    return {"position": int(self.position)}
+
+  def set_state(self, state: dict) -> None:
+    self.position = int(state["position"])
+
+  def _draw(self, n: int):
+    rng = np.random.default_rng([self.seed, self.process_index, n, len(self.stream), 7])
+    t = int(rng.choice(len(self.tasks), p=self.probs))
+    return t, int(rng.integers(self.train_size))
+
+  def example(self, t: int, index: int):
+    key = (t, index)
+    if key not in self._cache:
+      if len(self._cache) > 4096:
+        self._cache.clear()
+      self._cache[key] = self.tasks[t].example(self.split, index)
+    return self._cache[key]
+
+  def next(self, n: int) -> list:
+    out = []
+    for _ in range(n):
+      t, index = self._draw(self.position)
+      self.position += 1
+      out.append(self.example(t, index))
+    return out
+
+
+def _task_registry():
+  from g2rpo_jax import tasks as tasks_lib
+  return tasks_lib.TASKS
+
+
+def get_tasks(config) -> list:
+  registry = _task_registry()
+  missing = [n for n in config.tasks.names if n not in registry]
+  if missing:
+    raise config_utils.ConfigError(
+        f"config.tasks.names: unknown task(s) {missing}; available: {sorted(registry)}")
+  return [registry[n] for n in config.tasks.names]
+
+
+# ------------------------------------------------------------------------------------------
+# Rewards on host.
+
+def score_responses(texts: Sequence[str], examples: Sequence, tasks_by_name: dict,
+                    failures: dict) -> tuple[np.ndarray, np.ndarray]:
+  """(accuracy f32[N], format f32[N]); a reward that raises or is not finite gives 0 and is
+  counted in `failures[task]`."""
+  acc = np.zeros(len(texts), np.float32)
+  fmt = np.zeros(len(texts), np.float32)
+  for i, (text, ex) in enumerate(zip(texts, examples)):
+    task = tasks_by_name[ex.task]
+    try:
+      a = float(task.reward(text, ex))
+      f = float(task.format_reward(text))
+      if not (math.isfinite(a) and math.isfinite(f)):
+        raise FloatingPointError(f"non-finite reward ({a}, {f})")
+    except Exception as e:  # pylint: disable=broad-except
+      failures[ex.task] = failures.get(ex.task, 0) + 1
+      if failures[ex.task] <= 3:
+        logging.warning("task %r: reward failed on a response (%s); scored 0", ex.task, e)
+      a, f = 0.0, 0.0
+    acc[i], fmt[i] = min(max(a, 0.0), 1.0), min(max(f, 0.0), 1.0)
+  return acc, fmt
+
+
+# ------------------------------------------------------------------------------------------
+# Model construction.
+
+def model_config(config) -> dict:
+  """`config.model` as the model's own config mapping; `size` expands a tiny_vlm preset."""
+  d = config.model.to_dict()
+  size = d.pop("size", None)
+  if size is not None and d.get("name") == "tiny_vlm":
+    from g2rpo_jax.models import tiny_vlm
+    base = dataclasses.asdict(tiny_vlm.tiny_vlm_config(size))
+    base.update(d)
+    return base
+  return d
+
+
+def _rollout_module():
+  from g2rpo_jax import rollout
+  return rollout
+
+
+class _Signals:
+  """SIGTERM / SIGINT set a flag; the loop finishes the step, saves and returns (exit 0)."""
+
+  def __init__(self):
+    self.received = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread (e.g. inside a notebook worker)
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C stops at once
+    self.received = signal.Signals(signum).name
+    logging.warning("%s received: finishing this step, saving a checkpoint, exiting",
+                    self.received)
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    return False
+
+
+# ------------------------------------------------------------------------------------------
+# The job.
+
+class Trainer:
+  """Holds the built pieces of one run (mesh, model, processor, jitted functions, sampler)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    config_utils.validate(config)
+    self.config = config
+    self.workdir = os.path.abspath(workdir)
+    self.is_lead = jax.process_index() == 0
+    self.num_processes = jax.process_count()
+    os.makedirs(self.workdir, exist_ok=True)
+    self.mesh = make_mesh(config.mesh)
+    self.task_names = tuple(config.tasks.names)
+    self.tasks = get_tasks(config)
+    self.tasks_by_name = dict(zip(self.task_names, self.tasks))
+    self.task_index = {n: i for i, n in enumerate(self.task_names)}
+    from g2rpo_jax.tasks import rewards as rewards_lib
+    self.pool_ids = rewards_lib.POOL_IDS
+
+    g = config.rollout.group_size
+    p = config.batch.prompts_per_step
+    if p % self.num_processes:
+      raise config_utils.ConfigError(
+          f"config.batch.prompts_per_step = {p} must be a multiple of the {self.num_processes} "
+          "processes (each host rolls out its own share of the prompts)")
+    self.local_prompts = p // self.num_processes
+    self.group_size = g
+
+    mcfg = model_config(config)
+    self.processor = model_api.build_processor(mcfg)
+    self.tokenizer = self.processor.tokenizer
+    model = model_api.build_model(mcfg, nnx.Rngs(config.seed))
+    self.graphdef, model_state = model_api.split_model(model)
+    self.param_sharding = param_shardings(model_state, self.mesh)
+    params = jax.device_put(model_state.to_pure_dict(), self.param_sharding)
+    self.num_params = int(sum(x.size for x in jax.tree.leaves(params)))
+    self.tx, self.schedule = make_optimizer(config)
+    self.cfg = step_config(config)
+    self._init_params = params
+
+    # Length-shaping thresholds per dense task id (SPEC §4).
+    th = np.asarray([config.shaping.length.thresholds[t] for t in self.task_names], np.float32)
+    self.length_thresholds = th.T  # [4, K]
+
+    estimator_opts = {}
+    if config.advantage.name == "g2rpo":
+      estimator_opts["mode"] = config.advantage.mode
+    if config.advantage.name == "grpo":
+      estimator_opts.update(std=config.advantage.std, eps=config.advantage.eps)
+    from g2rpo_jax import advantages as adv_lib
+    estimator = adv_lib.get_estimator(config.advantage.name, group_size=g, **estimator_opts)
+    self._advantages = jax.jit(estimator)
+    self._moments = jax.jit(functools.partial(diagnostics.advantage_moments,
+                                              num_tasks=len(self.task_names)))
+
+    self.state_sharding = None  # set by init_state
+    self.sampler = PromptSampler(self.tasks, config.tasks.weights, config.seed,
+                                 config.tasks.train_size, process_index=jax.process_index())
+    self.failures: dict[str, int] = {}
+    self._jit_cache: dict = {}
+
+  # -- state -----------------------------------------------------------------------------
+
+  def init_state(self, params) -> TrainState:
+    key = jax.random.key_data(jax.random.fold_in(jax.random.key(self.config.seed), 1))
+    rep = replicated(self.mesh)
+
+    def make(params):
+      return TrainState(params=params, opt_state=self.tx.init(params), step=jnp.int32(0),
+                        rng=key, nonfinite_streak=jnp.int32(0), nonfinite_total=jnp.int32(0))
+
+    abstract = jax.eval_shape(make, params)
+    # Optimizer moments mirror the params' layout; scalars (counts, step, rng) are replicated.
+    param_struct = jax.tree.structure(params)
+
+    def shard_like(tree):
+      if jax.tree.structure(tree) == param_struct:
+        return self.param_sharding
+      return jax.tree.map(lambda _: rep, tree)
+
+    opt_shard = jax.tree.map(shard_like, abstract.opt_state,
+                             is_leaf=lambda x: jax.tree.structure(x) == param_struct)
+    self.state_sharding = TrainState(params=self.param_sharding, opt_state=opt_shard, step=rep,
+                                     rng=rep, nonfinite_streak=rep, nonfinite_total=rep)
+    return jax.jit(make, out_shardings=self.state_sharding)(params)
+
+  def abstract_state(self) -> TrainState:
+    abstract = jax.eval_shape(lambda p: self.init_state_shape(p), self._init_params)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, self.state_sharding)
+
+  def init_state_shape(self, params) -> TrainState:
+    return TrainState(params=params, opt_state=self.tx.init(params), step=jnp.int32(0),
+                      rng=jnp.zeros((2,), jnp.uint32), nonfinite_streak=jnp.int32(0),
+                      nonfinite_total=jnp.int32(0))
+
+  # -- jitted functions (built once per shape) ---------------------------------------------
+
+  def _jit(self, name, fn, **kw):
+    if name not in self._jit_cache:
+      self._jit_cache[name] = jax.jit(fn, **kw)
+    return self._jit_cache[name]
+
+  def _batch_shardings(self, batch):
+    return jax.tree.map(lambda x: x.sharding, batch)
+
+  def train_step_fn(self, batch):
+    return self._jit(
+        "train_step",
+        functools.partial(train_step, graphdef=self.graphdef, tx=self.tx, cfg=self.cfg,
+                          schedule=self.schedule),
+        in_shardings=(self.state_sharding, self._batch_shardings(batch)),
+        out_shardings=(self.state_sharding, replicated(self.mesh)),
+        donate_argnums=0)
+
+  def grad_norms_fn(self):
+    return self._jit("grad_norms", functools.partial(task_grad_norms, graphdef=self.graphdef,
+                                                     cfg=self.cfg),
+                     out_shardings=replicated(self.mesh))
+
+  def generate(self, params, prompt, key, *, num_samples, temperature):
+    """Rollout of `num_samples` responses per prompt -> host arrays of this process's rows."""
+    r = self.config.rollout
+    rollout = _rollout_module()
+    greedy = temperature <= 0
+    sampling = rollout.SamplingConfig(
+        max_new_tokens=r.max_new_tokens, eos_id=self.tokenizer.eos_id,
+        pad_id=self.tokenizer.pad_id, temperature=1.0 if greedy else float(temperature),
+        top_k=0 if greedy else r.top_k, top_p=1.0 if greedy else r.top_p, greedy=greedy)
+    out = rollout.generate(self.graphdef, params, prompt, key, num_samples=num_samples,
+                           sampling=sampling)
+    return {k: to_local(getattr(out, k)) for k in
+            ("tokens", "logprobs", "mask", "lengths", "truncated")}
+
+  def decode(self, tokens: np.ndarray) -> list[str]:
+    return [self.tokenizer.decode(row.tolist()) for row in tokens]
+
+  def encode_prompts(self, examples) -> Any:
+    pb = self.processor([e.prompt for e in examples], [e.image for e in examples])
+    return pb
+
+  # -- warm start ----------------------------------------------------------------------------
+
+  def warm_start(self, params):
+    """Supervised steps on demonstrations (cached in <workdir>/warm_start); returns params."""
+    ws = self.config.warm_start
+    ckpt = checkpointing.Checkpointer(os.path.join(self.workdir, "warm_start"), keep=1,
+                                      async_save=False)
+    abstract = checkpointing.abstract_like(params)
+    if ckpt.latest_step() is not None:
+      logging.info("warm start: reusing the cached params in %s", ckpt.directory)
+      restored, _, _ = ckpt.restore({"params": abstract})
+      ckpt.close()
+      return restored["params"]
+    tx = optax.chain(optax.clip_by_global_norm(self.config.optimizer.grad_clip),
+                     optax.adamw(ws.lr, weight_decay=self.config.optimizer.weight_decay))
+    opt_state = jax.jit(tx.init)(params)
+    step = jax.jit(functools.partial(sft_step, graphdef=self.graphdef, tx=tx),
+                   donate_argnums=(0, 1))
+    sampler = PromptSampler(self.tasks, self.config.tasks.weights, self.config.seed + 1,
+                            self.config.tasks.train_size, process_index=jax.process_index(),
+                            stream="warm_start")
+    per_host = max(1, ws.batch_size // self.num_processes)
+    t_max = self.config.rollout.max_new_tokens
+    t0 = time.perf_counter()
+    loss = float("nan")
+    bar = metrics_lib.Progress(ws.steps, enabled=self.is_lead and self.config.train.progress_bar,
+                               desc="warm start")
+    for i in range(ws.steps):
+      examples = sampler.next(per_host)
+      pb = self.encode_prompts(examples)
+      tokens = np.full((per_host, t_max), self.tokenizer.pad_id, np.int32)
+      mask = np.zeros((per_host, t_max), bool)
+      for j, ex in enumerate(examples):
+        ids = self.tokenizer.encode(self.tasks_by_name[ex.task].demonstration(ex))
+        ids = (ids + [self.tokenizer.eos_id])[:t_max]
+        tokens[j, :len(ids)] = ids
+        mask[j, :len(ids)] = True
+      batch = to_global(self.mesh, (pb, tokens, mask))
+      params, opt_state, loss_arr = step(params, opt_state, *batch)
+      if (i + 1) % max(1, ws.steps // 10) == 0 or i + 1 == ws.steps:
+        loss = float(loss_arr)
+        logging.info("warm start %d/%d: nll %.4f", i + 1, ws.steps, loss)
+      bar.update(1, nll=loss)
+    bar.close()
+    logging.info("warm start: %d steps in %.1fs, final nll %.4f", ws.steps,
+                 time.perf_counter() - t0, loss)
+    ckpt.save(0, {"params": params}, {"steps": ws.steps, "final_nll": loss})
+    ckpt.close()
+    return params
+
+  def load_init_checkpoint(self, path: str):
+    directory, step = checkpointing.find_checkpoint_dir(path)
+    ckpt = checkpointing.Checkpointer(directory, async_save=False)
+    abstract = checkpointing.abstract_like(self._init_params)
+    try:
+      restored, _, step = ckpt.restore({"params": abstract}, step)
+    except Exception:  # a full training checkpoint: take its params
+      restored, _, step = ckpt.restore(self.abstract_state_for_restore(), step)
+      restored = {"params": restored.params}
+    ckpt.close()
+    logging.info("initial params from %s (step %s)", directory, step)
+    return restored["params"]
+
+  def abstract_state_for_restore(self):
+    if self.state_sharding is None:
+      self.init_state(self._init_params)
+    return self.abstract_state()
+
+  # -- evaluation ----------------------------------------------------------------------------
+
+  def evaluate(self, params, split: str = "validation") -> dict[str, float]:
+    from g2rpo_jax import evaluation
+    c = self.config
+    bs = c.eval.batch_size
+    bs = max(bs // self.num_processes, 1)
+
+    def respond(examples):
+      n = len(examples)
+      padded = list(examples) + [examples[-1]] * (bs - n)  # a fixed shape: one compile
+      pb = to_global(self.mesh, self.encode_prompts(padded))
+      key = jax.random.key(c.seed + 12345)
+      out = self.generate(params, pb, key, num_samples=1, temperature=c.eval.temperature)
+      return self.decode(out["tokens"][:n])
+
+    return evaluation.evaluate(respond, self.tasks, split=split, num_examples=c.tasks.eval_size,
+                               batch_size=bs, process_index=jax.process_index(),
+                               process_count=self.num_processes,
+                               gather=all_hosts if self.num_processes > 1 else None)
+
+  # -- one RL step -------------------------------------------------------------------------
+
+  def collect(self, params, step: int, key) -> tuple[RLBatch, dict, dict]:
+    """Rollouts, rewards, dynamic filtering with refill rounds, advantages -> (batch, metrics).
+
+    Returns the update batch (global arrays), deterministic metrics and timing.
+    """
+    c = self.config
+    g, p = self.group_size, self.local_prompts
+    k_tasks = len(self.task_names)
+    timing = {"rollout_s": 0.0, "reward_s": 0.0}
+    kept: list[dict] = []
+    last_round = None
+    seen = {n: [] for n in ("task", "acc", "fmt", "reward", "length", "truncated", "len_r")}
+    group_stats = {"task": [], "zero_var": [], "filtered": []}
+    rounds = 0
+    for r in range(1 + c.filtering.max_rounds):
+      rounds = r + 1
+      examples = self.sampler.next(p)
+      pb_local = self.encode_prompts(examples)
+      pb = to_global(self.mesh, pb_local)
+      t0 = time.perf_counter()
+      out = self.generate(params, pb, jax.random.fold_in(key, r), num_samples=g,
+                          temperature=c.rollout.temperature)
+      timing["rollout_s"] += time.perf_counter() - t0
+      t0 = time.perf_counter()
+      rows = [ex for ex in examples for _ in range(g)]
+      texts = self.decode(out["tokens"])
+      acc, fmt = score_responses(texts, rows, self.tasks_by_name, self.failures)
+      task = np.asarray([self.task_index[e.task] for e in rows], np.int32)
+      lengths = out["lengths"].astype(np.float32)
+      sh = c.shaping
+      if sh.length.enabled:
+        len_r = np.asarray(shaping.length_reward(
+            jnp.asarray(lengths), jnp.asarray(task), *map(jnp.asarray, self.length_thresholds)))
+        w_len = sh.length.weight
+      else:
+        len_r, w_len = np.zeros_like(acc), 0.0
+      reward = (1.0 - sh.format_weight - w_len) * acc + sh.format_weight * fmt + w_len * len_r
+      acc_g = acc.reshape(p, g)
+      mean_acc = acc_g.mean(1)
+      if c.filtering.enabled:
+        keep = (mean_acc > c.filtering.low) & (mean_acc < c.filtering.high)
+      else:
+        keep = np.ones(p, bool)
+      rg = reward.reshape(p, g)
+      group_stats["task"].append(task.reshape(p, g)[:, 0])
+      group_stats["zero_var"].append(np.all(rg == rg[:, :1], axis=1))
+      group_stats["filtered"].append(~keep)
+      for name, v in (("task", task), ("acc", acc), ("fmt", fmt), ("reward", reward),
+                      ("length", lengths), ("truncated", out["truncated"]), ("len_r", len_r)):
+        seen[name].append(np.asarray(v))
+      pool = np.asarray([self.pool_ids[e.reward_type] for e in rows], np.int32)
+      round_data = dict(
+          prompt_tokens=np.repeat(pb_local.tokens, g, 0), prompt_mask=np.repeat(pb_local.mask, g, 0),
+          vision=jax.tree.map(lambda x: np.repeat(x, g, 0), pb_local.vision),
+          tokens=out["tokens"], logprobs=out["logprobs"], mask=out["mask"], reward=reward,
+          task=task, pool=pool)
+      for i in np.flatnonzero(keep):
+        kept.append(_rows(round_data, slice(i * g, (i + 1) * g)))
+      last_round = (round_data, np.flatnonzero(~keep))
+      timing["reward_s"] += time.perf_counter() - t0
+      # Every host must run the same number of rounds (a rollout is a collective).
+      if int(all_hosts(np.asarray([len(kept) >= p])).min()) == 1:
+        break
+    kept = kept[:p]
+    num_real = len(kept)
+    valid = np.zeros(p * g, bool)
+    valid[:num_real * g] = True
+    if num_real < p:  # pad with dropped groups of the last round, masked out of the update
+      round_data, dropped = last_round
+      filler = list(dropped) + list(range(p))
+      for i in filler[:p - num_real]:
+        kept.append(_rows(round_data, slice(i * g, (i + 1) * g)))
+    data = {k: (jax.tree.map(lambda *xs: np.concatenate(xs, 0), *[d[k] for d in kept])
+                if k == "vision" else np.concatenate([d[k] for d in kept], 0))
+            for k in kept[0]}
+    group_ids = (np.arange(p * g) // g + jax.process_index() * p).astype(np.int32)
+    resp_mask = data["mask"] & valid[:, None]
+
+    t0 = time.perf_counter()
+    glob = to_global(self.mesh, dict(reward=data["reward"].astype(np.float32),
+                                     group=group_ids, pool=data["pool"], valid=valid,
+                                     task=data["task"]))
+    adv = self._advantages(glob["reward"], glob["group"], glob["pool"], glob["valid"])
+    moments = self._moments(adv, glob["task"], mask=glob["valid"])
+    prompt = model_api.PromptBatch(tokens=data["prompt_tokens"], mask=data["prompt_mask"],
+                                   vision=data["vision"])
+    batch = RLBatch(prompt=to_global(self.mesh, prompt),
+                    tokens=to_global(self.mesh, data["tokens"]),
+                    mask=to_global(self.mesh, resp_mask),
+                    old_logprobs=to_global(self.mesh, data["logprobs"].astype(np.float32)),
+                    advantages=adv, task_ids=glob["task"])
+    timing["advantage_s"] = time.perf_counter() - t0
+
+    # Per-task statistics over every response sampled this step (all rounds, all hosts).
+    cat = {k: all_hosts(np.concatenate(v)) for k, v in seen.items()}
+    gs = {k: all_hosts(np.concatenate(v)) for k, v in group_stats.items()}
+    t_ids = cat["task"]
+    ones = np.ones_like(t_ids, bool)
+    m = {}
+    for name, key_ in (("reward", "reward"), ("accuracy", "acc"), ("format", "fmt"),
+                       ("response_length", "length"), ("clipped_frac", "truncated"),
+                       ("length_reward", "len_r")):
+      m.update(metrics_lib.task_dict(name, self.task_names, metrics_lib.per_task_mean(
+          cat[key_], t_ids, ones, k_tasks)))
+    m.update(metrics_lib.task_dict("zero_var_frac", self.task_names, metrics_lib.per_task_mean(
+        gs["zero_var"], gs["task"], np.ones_like(gs["task"], bool), k_tasks)))
+    filtered = np.bincount(gs["task"][gs["filtered"]], minlength=k_tasks)
+    for name, v in zip(self.task_names, filtered):
+      m[f"filtered_groups/{name}"] = int(v)
+    mom = jax.device_get(moments)
+    present = mom["count"] > 0
+    for stat in ("mean", "var", "skewness", "excess_kurtosis", "max_abs"):
+      m.update(metrics_lib.task_dict(f"adv_{stat}", self.task_names,
+                                     np.where(present, mom[stat], np.nan)))
+    m["reward/all"] = float(np.mean(cat["reward"]))
+    m["accuracy/all"] = float(np.mean(cat["acc"]))
+    m["sampling_rounds"] = rounds
+    m["valid_groups_frac"] = float(all_hosts(np.asarray([num_real])).sum() / (p * self.num_processes))
+    m["response_tokens"] = int(all_hosts(resp_mask.sum(keepdims=True)).sum())
+    for name in self.task_names:
+      m[f"reward_failures/{name}"] = int(self.failures.get(name, 0))
+    return batch, m, timing
+
+
+def _rows(tree: dict, sl: slice) -> dict:
+  return {k: (jax.tree.map(lambda x: x[sl], v) if k == "vision" else v[sl])
+          for k, v in tree.items()}
+
+
+# ------------------------------------------------------------------------------------------
+# The loop.
+
+def _finite_floats(d: dict) -> dict:
+  return {k: v for k, v in d.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def _host_metrics(device_metrics: dict, task_names: Sequence[str]) -> dict:
+  """Device metrics -> flat {name: float}; per-task arrays become name/task entries."""
+  host = jax.device_get(device_metrics)
+  out = {}
+  for k, v in host.items():
+    v = np.asarray(v)
+    if k == "entropy_per_task":
+      out.update(metrics_lib.task_dict("entropy", task_names, v))
+    elif v.ndim == 0:
+      out[k] = float(v)
+  return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The whole job. Returns a summary dict (also written to <workdir>/summary.json).
+
+  Resumes from the latest checkpoint in `<workdir>/checkpoints` when there is one; a SIGTERM /
+  SIGINT finishes the current step, saves and returns with summary["status"] == "preempted".
+  """
+  trainer = Trainer(config, workdir)
+  c = config
+  lead = trainer.is_lead
+  if lead:
+    with open(os.path.join(trainer.workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  ckpt = checkpointing.Checkpointer(os.path.join(trainer.workdir, "checkpoints"),
+                                    keep=c.train.keep_checkpoints)
+  latest = ckpt.latest_step()
+  warm_scores = None
+  if latest is not None:
+    trainer.init_state(trainer._init_params)
+    state, meta, latest = ckpt.restore(trainer.abstract_state())
+    trainer.sampler.set_state(meta["sampler"])
+    trainer.failures = dict(meta.get("failures", {}))
+    warm_scores = meta.get("warm_start_scores")
+    logging.info("resumed from %s at step %d", ckpt.directory, latest)
+  else:
+    t0 = time.perf_counter()
+    if c.init_checkpoint:
+      params = trainer.load_init_checkpoint(c.init_checkpoint)
+    elif c.warm_start.enabled:
+      params = trainer.warm_start(trainer._init_params)
+    else:
+      params = trainer._init_params
+    warm_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    warm_scores = trainer.evaluate(params)
+    eval_s = time.perf_counter() - t0
+    if lead:
+      from g2rpo_jax import evaluation
+      evaluation.write_json(os.path.join(trainer.workdir, "eval_warm_start.json"), warm_scores)
+      logging.info("warm-start held-out scores: %s", json.dumps(evaluation.scores(warm_scores)))
+    state = trainer.init_state(params)
+    del params
+  start = int(jax.device_get(state.step))
+  writer = metrics_lib.MetricWriter(trainer.workdir, resume_step=latest, enabled=lead)
+  if latest is None and lead:
+    writer.write_perf(0, {"time/warm_start_s": warm_s, "time/eval_s": eval_s})
+    writer.write(0, {f"eval/{k}": v["score"] for k, v in warm_scores.items()})
+
+  peak = None
+  status = "done"
+  total = c.train.num_steps
+  bar = metrics_lib.Progress(total, initial=start, enabled=lead and c.train.progress_bar)
+  last_finite: dict = {}
+  after_scores = None
+
+  def save(step_done):
+    meta = {"sampler": trainer.sampler.get_state(), "failures": trainer.failures,
+            "warm_start_scores": warm_scores, "metric_step": step_done}
+    ckpt.save(step_done, state, meta)
+
+  with _Signals() as signals:
+    for step in range(start, total):
+      t_step = time.perf_counter()
+      key = jax.random.fold_in(jax.random.wrap_key_data(jax.device_get(state.rng)), step)
+      batch, m, timing = trainer.collect(state.params, step, key)
+      grad_norms = None
+      if c.train.grad_norm_every and step % c.train.grad_norm_every == 0:
+        grad_norms = trainer.grad_norms_fn()(state.params, batch)
+      t0 = time.perf_counter()
+      state, dm = trainer.train_step_fn(batch)(state, batch)
+      dm = _host_metrics(dm, trainer.task_names)
+      timing["update_s"] = time.perf_counter() - t0
+      m.update(dm)
+      if grad_norms is not None:
+        m.update(metrics_lib.task_dict("grad_norm", trainer.task_names,
+                                       np.asarray(jax.device_get(grad_norms))))
+      streak = int(jax.device_get(state.nonfinite_streak))
+      m["nonfinite_updates_total"] = int(jax.device_get(state.nonfinite_total))
+      done = step + 1
+      if c.train.eval_every and (done % c.train.eval_every == 0 or done == total):
+        t0 = time.perf_counter()
+        result = trainer.evaluate(state.params)
+        timing["eval_s"] = time.perf_counter() - t0
+        m.update({f"eval/{k}": v["score"] for k, v in result.items()})
+        m["eval/mean"] = float(np.mean([v["score"] for v in result.values()]))
+        if done == total:
+          after_scores = result
+      if done % c.train.log_every == 0 or done == total:
+        writer.write(done, m)
+      timing["step_s"] = time.perf_counter() - t_step
+      tokens = m["response_tokens"]
+      if peak is None:
+        peak = _matmul_peak()
+      flops = metrics_lib.transformer_train_flops(trainer.num_params, tokens) * \
+          c.batch.num_minibatches / c.batch.num_minibatches
+      timing["tokens_per_s"] = tokens / max(timing["step_s"], 1e-9)
+      timing["update_mfu_vs_matmul"] = metrics_lib.mfu(flops, timing["update_s"], peak)
+      writer.write_perf(done, {f"time/{k}": v for k, v in timing.items()})
+      bar.update(1, reward=m.get("reward/all", float("nan")), acc=m.get("accuracy/all"),
+                 loss=m.get("loss/total", float("nan")))
+      if streak == 0:
+        last_finite = _finite_floats(m)
+      elif streak >= c.train.max_nonfinite:
+        tasks_in = sorted({trainer.task_names[i] for i in np.asarray(
+            all_hosts(np.asarray(jax.device_get(batch.task_ids))))})
+        ckpt.wait()
+        writer.close()
+        raise NonFiniteError(
+            f"step {done}: {streak} non-finite updates in a row (train.max_nonfinite = "
+            f"{c.train.max_nonfinite}); tasks in the batch: {tasks_in}; last finite metrics: "
+            f"{json.dumps({k: last_finite[k] for k in sorted(last_finite)[:40]})}")
+      if done % c.train.checkpoint_every == 0 or done == total or signals.received:
+        save(done)
+      if c.debug.sigkill_after_step == done:
+        ckpt.wait()
+        writer.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+      if signals.received:
+        status = "preempted"
+        break
+  bar.close()
+  ckpt.close()
+  writer.close()
+  summary = {"status": status, "step": int(jax.device_get(state.step)),
+             "warm_start": warm_scores, "after_rl": after_scores}
+  if status == "done":
+    if after_scores is None:
+      after_scores = trainer.evaluate(state.params)
+      summary["after_rl"] = after_scores
+    if lead:
+      _final_report(trainer, warm_scores, after_scores, summary)
+  trainer.final_state = state
+  return summary
+
+
+def _matmul_peak() -> float:
+  """This machine's jitted f32 matmul FLOP/s (the MFU denominator), measured once."""
+  n = 1024
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * n ** 3 / float(np.median(times))
+
+
+def _final_report(trainer: Trainer, warm: dict | None, after: dict, summary: dict) -> None:
+  from g2rpo_jax import evaluation
+  before = evaluation.scores(warm) if warm else None
+  table = metrics_lib.summary_table(before, evaluation.scores(after))
+  print("\nHeld-out per-task score (points, 0-100):\n" + table, flush=True)
+  with open(os.path.join(trainer.workdir, "summary.txt"), "w") as f:
+    f.write(table + "\n")
+  evaluation.write_json(os.path.join(trainer.workdir, "eval_final.json"), after)
+  evaluation.write_json(os.path.join(trainer.workdir, "summary.json"), summary)
+  if trainer.config.train.plots:
+    records = metrics_lib.read_jsonl(os.path.join(trainer.workdir, "metrics.jsonl"))
+    metrics_lib.plot_per_task(records, trainer.task_names,
+                              os.path.join(trainer.workdir, "plots"))
