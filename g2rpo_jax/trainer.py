@@ -535,6 +535,9 @@ class Trainer:
     self.param_sharding = param_shardings(model_state, self.mesh)
     params = jax.device_put(model_state.to_pure_dict(), self.param_sharding)
     self.num_params = int(sum(x.size for x in jax.tree.leaves(params)))
+    # Parameters that multiply every decoder token (the vision tower only sees image patches).
+    self.num_matmul_params = int(sum(x.size for k, v in params.items() if k != "vision"
+                                     for x in jax.tree.leaves(v)))
     self.tx, self.schedule = make_optimizer(config)
     self.cfg = step_config(config)
     self._init_params = params
@@ -850,8 +853,10 @@ class Trainer:
     m["sampling_rounds"] = rounds
     m["valid_groups_frac"] = float(all_hosts(np.asarray([num_real])).sum() / (p * self.num_processes))
     m["response_tokens"] = int(all_hosts(resp_mask.sum(keepdims=True)).sum())
-    for name in self.task_names:
-      m[f"reward_failures/{name}"] = int(self.failures.get(name, 0))
+    m["sampled_tokens"] = int(np.sum(cat["length"]))
+    fails = all_hosts(np.asarray([[self.failures.get(n, 0) for n in self.task_names]])).sum(0)
+    for name, v in zip(self.task_names, fails):
+      m[f"reward_failures/{name}"] = int(v)
     return batch, m, timing
 
 
@@ -969,12 +974,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if done % c.train.log_every == 0 or done == total:
         writer.write(done, m)
       timing["step_s"] = time.perf_counter() - t_step
-      tokens = m["response_tokens"]
       if peak is None:
         peak = _matmul_peak()
-      flops = metrics_lib.transformer_train_flops(trainer.num_params, tokens) * \
-          c.batch.num_minibatches / c.batch.num_minibatches
-      timing["tokens_per_s"] = tokens / max(timing["step_s"], 1e-9)
+      # The update runs forward + backward over every row's full (prompt + response) sequence.
+      n_rows, seq = batch.tokens.shape[0], batch.tokens.shape[1] + batch.prompt.tokens.shape[1]
+      flops = metrics_lib.transformer_train_flops(trainer.num_matmul_params, n_rows * seq)
+      timing["sampled_tokens_per_s"] = m["sampled_tokens"] / max(timing["step_s"], 1e-9)
       timing["update_mfu_vs_matmul"] = metrics_lib.mfu(flops, timing["update_s"], peak)
       writer.write_perf(done, {f"time/{k}": v for k, v in timing.items()})
       bar.update(1, reward=m.get("reward/all", float("nan")), acc=m.get("accuracy/all"),

@@ -1,0 +1,112 @@
+"""Experiment configs: every file loads and validates; overrides apply with the right types;
+unknown keys and bad values fail naming the key and what was expected."""
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+from g2rpo_jax import config_utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                      if os.path.basename(p) not in ("__init__.py", "common.py", "qwen25vl.py"))
+
+
+def test_there_is_a_config_per_single_task_plus_mix_and_smoke():
+  names = {os.path.splitext(os.path.basename(p))[0] for p in CONFIG_FILES}
+  assert {"mix", "smoke", "grounding", "counting", "arithmetic", "ocr", "spatial",
+          "chart"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_every_config_loads_and_validates(path):
+  c = config_utils.load_config(path)
+  config_utils.validate(c)
+  # A single-task config trains exactly that task.
+  name = os.path.splitext(os.path.basename(path))[0]
+  if name not in ("mix", "smoke"):
+    assert tuple(c.tasks.names) == (name,)
+
+
+def test_defaults_follow_the_spec():
+  c = config_utils.load_config("mix")
+  assert (c.advantage.name, c.advantage.mode) == ("g2rpo", "group_then_task")
+  assert (c.loss.eps_low, c.loss.eps_high, c.loss.dual_clip) == (0.2, 0.3, 3.0)
+  assert c.loss.aggregation == "token_mean" and c.loss.kl_coef == 0.0
+  assert c.shaping.entropy.lam == 0.02 and c.shaping.format_weight == 0.1
+  assert tuple(c.shaping.entropy.bounds.ocr) == (0.2, 0.6)
+  assert (c.filtering.low, c.filtering.high) == (0.01, 0.99)
+  assert c.rollout.group_size == 8 and c.optimizer.grad_clip == 1.0
+
+
+def test_arg_sets_the_seed():
+  assert config_utils.load_config("mix:3").seed == 3
+
+
+def test_overrides_apply_with_the_existing_types():
+  c = config_utils.load_config("smoke")
+  config_utils.apply_overrides(c, [
+      "advantage.name=grpo", "advantage.mode=task", "shaping.entropy.enabled=False",
+      "shaping.length.enabled=false", "rollout.group_size=6", "loss.eps_high=0.25",
+      "shaping.entropy.bounds.ocr=(0.1, 0.9)", "config.loss.kl_coef=0.01",
+      "shaping.length.thresholds.chart=(2,4,8,16)"])
+  assert c.advantage.name == "grpo" and c.advantage.mode == "task"
+  assert c.shaping.entropy.enabled is False and c.shaping.length.enabled is False
+  assert c.rollout.group_size == 6 and isinstance(c.rollout.group_size, int)
+  assert c.loss.eps_high == 0.25 and c.loss.kl_coef == 0.01
+  assert tuple(c.shaping.entropy.bounds.ocr) == (0.1, 0.9)
+  assert tuple(c.shaping.length.thresholds.chart) == (2, 4, 8, 16)
+  config_utils.validate(c)
+
+
+@pytest.mark.parametrize("key, where, valid", [
+    ("advantage.nmae=grpo", "advantage", "eps, mode, name, std"),
+    ("shaping.entropy.lamda=0.1", "shaping.entropy", "bounds, enabled, estimator, lam"),
+    ("nope=1", "<top level>", "advantage, batch"),
+])
+def test_unknown_key_names_the_valid_keys_at_that_level(key, where, valid):
+  c = config_utils.load_config("smoke")
+  with pytest.raises(config_utils.ConfigError) as e:
+    config_utils.apply_overrides(c, [key])
+  msg = str(e.value)
+  assert key.split("=")[0] in msg and f"at {where}" in msg and valid in msg
+
+
+def test_bad_value_types_are_errors():
+  c = config_utils.load_config("smoke")
+  with pytest.raises(config_utils.ConfigError, match="rollout.group_size.*int"):
+    config_utils.apply_overrides(c, ["rollout.group_size=many"])
+  with pytest.raises(config_utils.ConfigError, match="bool"):
+    config_utils.apply_overrides(c, ["shaping.entropy.enabled=maybe"])
+
+
+@pytest.mark.parametrize("override, match", [
+    ("advantage.name=ppo", "advantage.name.*one of"),
+    ("advantage.mode=pool", "advantage.mode"),
+    ("loss.aggregation=mean", "loss.aggregation"),
+    ("batch.num_minibatches=3", "divisor of batch.prompts_per_step"),
+    ("shaping.length.thresholds.ocr=(4,3,8,16)", "L_min < L_low"),
+    ("shaping.entropy.bounds.ocr=(0.7,0.6)", "H_min <= H_max"),
+    ("filtering.low=0.99", "low < high"),
+    ("rollout.group_size=1", "at least 2"),
+    ("tasks.weights=(1.0,)", "one weight per task"),
+])
+def test_validate_names_the_bad_value(override, match):
+  c = config_utils.load_config("smoke")
+  config_utils.apply_overrides(c, [override])
+  with pytest.raises(config_utils.ConfigError, match=match):
+    config_utils.validate(c)
+
+
+def test_command_line_unknown_key_fails_with_valid_keys():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.train", "--config=configs/smoke.py",
+       "--workdir=/nonexistent/never_created", "--config.advantage.nmae=grpo"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert "unknown config key 'advantage.nmae'" in out.stderr
+  assert "valid keys there: eps, mode, name, std" in out.stderr
+  assert not os.path.exists("/nonexistent/never_created")
