@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from g2rpo_jax.models.interface import KVCache, PolicyModel, PromptBatch
+from g2rpo_jax.models.interface import KVCache, PolicyModel, PromptBatch, register_model
 
 Array = jax.Array
 
@@ -618,3 +618,66 @@ class Qwen25VL(PolicyModel):
     positions = jnp.broadcast_to(cache.next_pos[None, :, None], (3, b, 1))
     logits, cache = self._step(x, positions, cache, jnp.ones((b, 1), bool))
     return logits, cache.replace(next_pos=cache.next_pos + 1)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """What an experiment config says about a Qwen2.5-VL policy (`config.model` with name
+  'qwen25vl'). The architecture comes from `checkpoint_dir`/config.json, never from here."""
+  name: str = "qwen25vl"
+  checkpoint_dir: str = ""
+  load_weights: bool = True      # False: random init of the checkpoint's architecture
+  dtype: str = "bfloat16"
+  param_dtype: str = "bfloat16"
+  remat: bool = True
+  # processor
+  max_prompt_len: int = 1024
+  max_images: int = 1
+  min_pixels: int = 56 * 56
+  max_pixels: int = 28 * 28 * 256
+  system_prompt: str | None = "You are a helpful assistant."
+
+
+def _model_config(config) -> ModelConfig:
+  from g2rpo_jax.models.interface import config_from_mapping  # pylint: disable=g-import-not-at-top
+  cfg = config_from_mapping(ModelConfig, config)
+  if not cfg.checkpoint_dir:
+    raise ValueError("model.checkpoint_dir is empty: a Qwen2.5-VL policy needs a Hugging Face "
+                     "checkpoint directory (config.json, safetensors, tokenizer.json)")
+  return cfg
+
+
+def build_model(config, rngs: nnx.Rngs, mesh=None) -> Qwen25VL:
+  """The policy of `config.checkpoint_dir`: loaded weights (sharded over `mesh` if given), or a
+  random init of that architecture when `load_weights` is False."""
+  from g2rpo_jax.models import hf_loading, qwen25vl_loading  # pylint: disable=g-import-not-at-top
+  cfg = _model_config(config)
+  run = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat)
+  if cfg.load_weights:
+    return qwen25vl_loading.load_qwen25vl(cfg.checkpoint_dir, mesh=mesh, **run)
+  arch = config_from_hf(hf_loading.read_json(cfg.checkpoint_dir, "config.json"), **run)
+  return Qwen25VL(arch, rngs)
+
+
+def build_processor(config):
+  """The processor of `config.checkpoint_dir` (tokenizer.json + the vision config's geometry)."""
+  import os  # pylint: disable=g-import-not-at-top
+  from g2rpo_jax.models import hf_loading, qwen25vl_processing  # pylint: disable=g-import-not-at-top
+  cfg = _model_config(config)
+  arch = config_from_hf(hf_loading.read_json(cfg.checkpoint_dir, "config.json"))
+  tok = os.path.join(cfg.checkpoint_dir, "tokenizer.json")
+  if not os.path.isfile(tok):
+    raise hf_loading.CheckpointError(f"checkpoint {cfg.checkpoint_dir!r}: missing file "
+                                     "'tokenizer.json'")
+  v = arch.vision
+  return qwen25vl_processing.Qwen25VLProcessor(
+      tok, max_prompt_len=cfg.max_prompt_len, max_images=cfg.max_images,
+      min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, system_prompt=cfg.system_prompt,
+      patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+      temporal_patch_size=v.temporal_patch_size, window_size=v.window_size)
+
+
+register_model("qwen25vl", build_model=build_model, build_processor=build_processor)

@@ -90,13 +90,22 @@ def abstract_model(config: Qwen25VLConfig) -> Qwen25VL:
   return nnx.eval_shape(lambda: Qwen25VL(config, nnx.Rngs(0)))
 
 
-def load_qwen25vl(checkpoint_dir: str, *, sharding_for: Callable[[tuple, Any], Any] | None = None,
+def load_qwen25vl(checkpoint_dir: str, *, mesh=None,
+                  sharding_for: Callable[[tuple, Any], Any] | None = None,
                   **overrides) -> Qwen25VL:
   """The model of a HF checkpoint dir with its weights. overrides: param_dtype, dtype, remat.
 
-  sharding_for(path, variable) -> Sharding | None places each parameter (path: tuple of keys;
-  variable: the abstract nnx Variable, whose `out_sharding` metadata holds the logical axes).
+  mesh: place every parameter by its logical axes with `g2rpo_jax.sharding`'s rules. Or
+  sharding_for(path, variable) -> Sharding | None (path: tuple of keys; variable: the abstract
+  nnx Variable, whose `out_sharding` metadata holds the logical axes).
   """
+  if mesh is not None and sharding_for is None:
+    from g2rpo_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+
+    def sharding_for(path, var):
+      spec = sharding_lib.logical_to_spec(var.get_metadata().get("out_sharding"), var.shape, mesh)
+      return jax.sharding.NamedSharding(mesh, spec)
+
   config = config_from_hf(hf_loading.read_json(checkpoint_dir, "config.json"), **overrides)
   preproc = os.path.join(checkpoint_dir, "preprocessor_config.json")
   if os.path.isfile(preproc):

@@ -27,18 +27,18 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start
 # as ChatML; a default system turn is added when the first message is not a system message.
 CHAT_TEMPLATE = (
     "{%- if messages[0]['role'] != 'system' -%}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}"
     "{%- endif -%}"
     "{%- for m in messages -%}"
-    "<|im_start|>{{ m['role'] }}\n"
-    "{%- if m['content'] is string -%}{{ m['content'] }}"
+    "{{- '<|im_start|>' + m['role'] + '\\n' -}}"
+    "{%- if m['content'] is string -%}{{- m['content'] -}}"
     "{%- else -%}{%- for part in m['content'] -%}"
-    "{%- if part['type'] == 'image' -%}<|vision_start|><|image_pad|><|vision_end|>"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
-    "<|im_end|>\n"
+    "{{- '<|im_end|>\\n' -}}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}")
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
 
 _CORPUS = [
     "You are a helpful assistant.", "Describe the image.", "How many circles are there?",
@@ -121,7 +121,14 @@ def reference_processor(path: str, *, min_pixels: int, max_pixels: int):
   tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(path, "tokenizer.json"),
                                 pad_token="<|endoftext|>", eos_token="<|im_end|>")
   image_proc = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
-  return Qwen2_5_VLProcessor(image_processor=image_proc, tokenizer=tok, chat_template=CHAT_TEMPLATE)
+
+  class ImageOnlyProcessor(Qwen2_5_VLProcessor):
+    # Without a video processor argument: transformers' video processor needs torchvision,
+    # which the test extra does not install, and images never touch it.
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+      super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+  return ImageOnlyProcessor(image_processor=image_proc, tokenizer=tok, chat_template=CHAT_TEMPLATE)
 
 
 def random_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:

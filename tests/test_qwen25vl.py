@@ -1,0 +1,327 @@
+"""Qwen2.5-VL port vs the PyTorch reference (transformers), on tiny random checkpoints.
+
+The checkpoints are written offline by `qwen25vl_testing.write_tiny_checkpoint` (2 text layers,
+a 2-block vision tower with one window-attention and one full-attention block, window = 2×2
+merged patches so the test images span several windows). Golden values are the reference's
+outputs; tolerances are the issue's (logits within 1e-4 in f32, greedy tokens identical).
+"""
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from g2rpo_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+from g2rpo_jax.models import interface
+from g2rpo_jax.models import qwen25vl
+from g2rpo_jax.models import qwen25vl_testing as qt
+from g2rpo_jax.models.qwen25vl_loading import load_qwen25vl
+from g2rpo_jax.models.qwen25vl_processing import (Qwen25VLProcessor, chat_text, mrope_positions,
+                                                  smart_resize)
+
+MIN_PIXELS, MAX_PIXELS = 28 * 28 * 2, 28 * 28 * 16
+TOL = 1e-4
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("qwen25vl_tiny"))
+  ref = qt.write_tiny_checkpoint(d, seed=0)
+  return d, ref
+
+
+@pytest.fixture(scope="session")
+def sharded_tied_ckpt(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("qwen25vl_tiny_sharded"))
+  ref = qt.write_tiny_checkpoint(d, tie=True, max_shard_size="60KB", seed=1)
+  return d, ref
+
+
+@pytest.fixture(scope="session")
+def images():
+  rng = np.random.default_rng(0)
+  # 100x70 -> 112x56 (8x4 patches, 2 windows); 60x130 -> 56x140 (4x10 patches, 3 windows).
+  return qt.random_image(rng, 100, 70), qt.random_image(rng, 60, 130)
+
+
+def _processor(d, max_prompt_len=96, max_images=2):
+  return Qwen25VLProcessor(os.path.join(d, "tokenizer.json"), max_prompt_len=max_prompt_len,
+                           max_images=max_images, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
+                           window_size=56)
+
+
+def _device(batch):
+  return interface.PromptBatch(tokens=jnp.asarray(batch.tokens), mask=jnp.asarray(batch.mask),
+                               vision=jax.tree.map(jnp.asarray, batch.vision))
+
+
+def _reference_inputs(batch, r, image_id):
+  """The unpadded row r of our batch as transformers inputs (pixels normalised as the reference)."""
+  m = batch.mask[r]
+  ids = torch.tensor(batch.tokens[r][m], dtype=torch.long)[None]
+  valid = batch.vision["patch_valid"][r].sum(-1)
+  if not valid.any():
+    return dict(input_ids=ids)
+  mean = np.repeat(np.asarray(qt_mean(), np.float32), 2 * 14 * 14)
+  std = np.repeat(np.asarray(qt_std(), np.float32), 2 * 14 * 14)
+  pix, grids = [], []
+  for k in np.nonzero(valid)[0]:
+    u8 = batch.vision["pixels"][r, k, :valid[k]].astype(np.float32)
+    pix.append((u8 / 255.0 - mean) / std)
+    pos = batch.vision["patch_pos"][r, k, :valid[k]]
+    grids.append([1, pos[:, 0].max() + 1, pos[:, 1].max() + 1])
+  return dict(input_ids=ids, pixel_values=torch.tensor(np.concatenate(pix)),
+              image_grid_thw=torch.tensor(np.asarray(grids)),
+              mm_token_type_ids=(ids == image_id).long())
+
+
+def qt_mean():
+  return qwen25vl.Qwen25VLConfig().image_mean
+
+
+def qt_std():
+  return qwen25vl.Qwen25VLConfig().image_std
+
+
+PROMPTS = ["Read the text.", "Describe the image.", "<image> and <image>: how many circles?"]
+
+
+def _prompt_images(images):
+  return [None, images[0], [images[0], images[1]]]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _full_logits(graphdef, params, prompt, response):
+  """Logits f32[B, P + T, V] of the full-sequence path (one compile per model/shape)."""
+  model = interface.merge_model(graphdef, params)
+  return model.logits(model.hidden_states(prompt, response))
+
+
+def _max_logit_diff(model, ref, batch, image_id):
+  graphdef, params = interface.split_model(model)
+  ours = np.asarray(_full_logits(graphdef, params, _device(batch),
+                                 jnp.zeros((batch.tokens.shape[0], 0), jnp.int32)))
+  diffs = []
+  for r in range(batch.tokens.shape[0]):
+    with torch.no_grad():
+      theirs = ref(**_reference_inputs(batch, r, image_id)).logits[0].numpy()
+    diffs.append(float(np.abs(ours[r][batch.mask[r]] - theirs).max()))
+  return diffs
+
+
+def test_logits_match_reference_text_one_image_two_images(ckpt, images):
+  d, ref = ckpt
+  model = load_qwen25vl(d)
+  proc = _processor(d)
+  batch = proc(PROMPTS, _prompt_images(images))
+  # The two-image prompt really holds two different grids (8x4 and 4x10 patches).
+  assert batch.vision["patch_valid"][2].sum(-1).tolist() == [32, 40]
+  diffs = _max_logit_diff(model, ref, batch, proc.tokenizer.image_id)
+  assert max(diffs) < TOL, diffs
+
+
+def test_sharded_tied_checkpoint_on_a_mesh_matches_reference(sharded_tied_ckpt, images):
+  d, ref = sharded_tied_ckpt
+  assert os.path.isfile(os.path.join(d, "model.safetensors.index.json"))
+  assert len([f for f in os.listdir(d) if f.endswith(".safetensors")]) > 1
+  # Auto axes: the port relies on the compiler to propagate shardings (sharding.make_mesh gives
+  # Explicit axes, under which a gather from a sharded embedding needs an explicit out_sharding).
+  mesh = jax.make_mesh((2, 2, 2), sharding_lib.MESH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  model = load_qwen25vl(d, mesh=mesh)
+  assert model.lm_head is None
+  q_kernel = model.layers[0].attn.q.kernel[...]
+  assert q_kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  proc = _processor(d)
+  batch = proc(PROMPTS, _prompt_images(images))
+  diffs = _max_logit_diff(model, ref, batch, proc.tokenizer.image_id)
+  assert max(diffs) < TOL, diffs
+
+
+def _our_greedy(model, batch, steps):
+  graphdef, params = interface.split_model(model)
+
+  @jax.jit
+  def run(params, prompt):
+    m = interface.merge_model(graphdef, params)
+    logits, cache = m.prefill(prompt, prompt.tokens.shape[1] + steps)
+
+    def step(carry, _):
+      logits, cache = carry
+      tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      logits, cache = m.decode(tok, cache)
+      return (logits, cache), tok
+
+    _, toks = jax.lax.scan(step, (logits, cache), None, length=steps)
+    return toks.T
+
+  return np.asarray(run(params, _device(batch)))
+
+
+def test_greedy_16_tokens_match_reference_generate(ckpt, images):
+  # Through the model's own prefill/decode (the project's rollout engine had not landed).
+  d, ref = ckpt
+  model = load_qwen25vl(d)
+  proc = _processor(d)
+  batch = proc(PROMPTS, _prompt_images(images))
+  ours = _our_greedy(model, batch, 16)
+  for r in range(len(PROMPTS)):
+    inputs = _reference_inputs(batch, r, proc.tokenizer.image_id)
+    with torch.no_grad():
+      out = ref.generate(**inputs, max_new_tokens=16, do_sample=False, eos_token_id=None,
+                         pad_token_id=proc.tokenizer.pad_id)
+    theirs = out[0, inputs["input_ids"].shape[1]:].numpy()
+    assert len(theirs) == 16
+    np.testing.assert_array_equal(ours[r], theirs, err_msg=f"row {r}")
+
+
+def test_kv_cache_logits_equal_full_sequence_logits(ckpt, images):
+  """Decoding through the cache (left padding, per-row rope deltas) reproduces the
+  full-sequence path's logits on the same tokens: sequence_logprobs == rollout log-probs."""
+  d, _ = ckpt
+  model = load_qwen25vl(d)
+  batch = _processor(d)(PROMPTS, _prompt_images(images))
+  prompt = _device(batch)
+  response = jnp.asarray(np.random.default_rng(1).integers(0, 300, (3, 6)), jnp.int32)
+  graphdef, params = interface.split_model(model)
+
+  @jax.jit
+  def through_cache(params, prompt, response):
+    m = interface.merge_model(graphdef, params)
+    logits, cache = m.prefill(prompt, prompt.tokens.shape[1] + 6)
+
+    def step(carry, tok):
+      logits, cache = m.decode(tok, carry)
+      return cache, logits
+
+    cache, rest = jax.lax.scan(step, cache, response[:, :5].T)
+    return jnp.concatenate([logits[:, None], jnp.moveaxis(rest, 0, 1)], axis=1), cache
+
+  step_logits, cache = through_cache(params, prompt, response)
+  full = np.asarray(_full_logits(graphdef, params, prompt, response))
+  full = full[:, prompt.tokens.shape[1] - 1:-1]
+  np.testing.assert_allclose(np.asarray(step_logits), full, atol=TOL)
+  assert np.asarray(cache.index).tolist() == [prompt.tokens.shape[1] + 5] * 3
+  np.testing.assert_array_equal(np.asarray(cache.next_pos),
+                                batch.vision["next_position"] + 5)
+
+
+def test_processor_ids_and_pixels_match_reference_processor(ckpt, images):
+  d, _ = ckpt
+  proc = _processor(d, max_prompt_len=128)
+  ref = qt.reference_processor(d, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+  cases = [("Describe the image.", [images[0]]), ("Compare <image> with <image> please.",
+                                                  [images[0], images[1]]), ("No image here.", [])]
+  for text, ims in cases:
+    parts, rest = [], text
+    if "<image>" not in text:
+      parts = [{"type": "image"} for _ in ims] + [{"type": "text", "text": text}]
+    else:
+      for i, piece in enumerate(text.split("<image>")):
+        if piece:
+          parts.append({"type": "text", "text": piece})
+        if i < len(ims):
+          parts.append({"type": "image"})
+    messages = [{"role": "user", "content": parts}]
+    rendered = ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert rendered == chat_text(text, len(ims))
+    out = ref(text=[rendered], images=ims or None, return_tensors="np")
+    ids, patches, grids = proc.encode_one(text, ims)
+    assert ids == out["input_ids"][0].tolist(), text
+    if ims:
+      mean = np.repeat(np.asarray(qt_mean(), np.float32), 2 * 14 * 14)
+      std = np.repeat(np.asarray(qt_std(), np.float32), 2 * 14 * 14)
+      ours = (np.concatenate(patches).astype(np.float32) / 255.0 - mean) / std
+      np.testing.assert_allclose(ours, out["pixel_values"], atol=1e-5)
+      assert [[1, *g] for g in grids] == out["image_grid_thw"].tolist()
+
+
+def test_smart_resize_golden_values():
+  # Hand-computed: 100x70 rounds to 112x56 (within bounds); a 1000x1000 image is scaled down to
+  # the largest multiple-of-28 square under 28*28*16 px (112x112); 20x20 is scaled up.
+  assert smart_resize(100, 70, 28, MIN_PIXELS, MAX_PIXELS) == (112, 56)
+  assert smart_resize(1000, 1000, 28, MIN_PIXELS, MAX_PIXELS) == (112, 112)
+  assert smart_resize(20, 20, 28, MIN_PIXELS, MAX_PIXELS) == (56, 56)
+  with pytest.raises(ValueError, match="aspect ratio"):
+    smart_resize(10, 3000)
+
+
+def test_mrope_positions_golden():
+  # text(2) + image 4x6 patches -> 2x3 merged + text(2): image starts at 2, spans h 2..3,
+  # w 2..4, then text resumes at 2 + max(2, 3) = 5.
+  ids = [7, 7] + [9] * 6 + [7, 7]
+  pos, nxt = mrope_positions(ids, 9, [(4, 6)], merge=2)
+  np.testing.assert_array_equal(pos[0], [0, 1, 2, 2, 2, 2, 2, 2, 5, 6])
+  np.testing.assert_array_equal(pos[1], [0, 1, 2, 2, 2, 3, 3, 3, 5, 6])
+  np.testing.assert_array_equal(pos[2], [0, 1, 2, 3, 4, 2, 3, 4, 5, 6])
+  assert nxt == 7
+
+
+def test_processor_errors_name_the_problem(ckpt, images):
+  d, _ = ckpt
+  proc = _processor(d, max_prompt_len=20, max_images=1)
+  with pytest.raises(ValueError, match=r"prompt 0: \d+ tokens .* > max_prompt_len 20"):
+    proc(["Describe the image."], [images[0]])
+  proc = _processor(d, max_prompt_len=200, max_images=1)
+  with pytest.raises(ValueError, match="2 images > max_images 1"):
+    proc(["<image><image>"], [[images[0], images[1]]])
+  with pytest.raises(ValueError, match="1 '<image>' markers but 2 images"):
+    proc.encode_one("<image> x", [images[0], images[1]])
+
+
+def test_registry_builds_model_and_processor(ckpt, images):
+  d, ref = ckpt
+  cfg = dict(name="qwen25vl", checkpoint_dir=d, dtype="float32", param_dtype="float32",
+             remat=False, max_prompt_len=96, max_images=2, min_pixels=MIN_PIXELS,
+             max_pixels=MAX_PIXELS)
+  model = interface.build_model(cfg, nnx.Rngs(0))
+  proc = interface.build_processor(cfg)
+  assert isinstance(model, qwen25vl.Qwen25VL) and isinstance(proc, interface.Processor)
+  assert proc.window_units == 2  # from the checkpoint's vision window_size=56
+  diffs = _max_logit_diff(model, ref, proc(PROMPTS, _prompt_images(images)), proc.tokenizer.image_id)
+  assert max(diffs) < TOL
+  with pytest.raises(ValueError, match="checkpoint_dir is empty"):
+    interface.build_model(dict(name="qwen25vl"), None)
+  with pytest.raises(ValueError, match="unknown ModelConfig key"):
+    interface.build_processor(dict(cfg, max_pixel=3))
+
+
+def test_bf16_params_and_remat_gradients(ckpt, images):
+  d, ref = ckpt
+  bf16 = load_qwen25vl(d, param_dtype="bfloat16", dtype="bfloat16", remat=True)
+  assert bf16.layers[0].attn.q.kernel[...].dtype == jnp.bfloat16
+  assert bf16.visual.patch_embed.kernel[...].dtype == jnp.bfloat16
+  proc = _processor(d)
+  host = proc(PROMPTS, _prompt_images(images))
+  response = np.random.default_rng(2).integers(0, 300, (3, 4)).astype(np.int32)
+  graphdef, params = interface.split_model(bf16)
+
+  @jax.jit
+  def value_and_grad(params, prompt, response):
+    fn = lambda p: interface.sequence_logprobs(graphdef, p, prompt, response,
+                                               jnp.ones(response.shape, bool))
+    lp, vjp = jax.vjp(fn, params)
+    return lp, vjp(jnp.ones_like(lp))[0]
+
+  lp, grads = value_and_grad(params, _device(host), jnp.asarray(response))
+  # The f32 reference's log-probs of the same responses (teacher forced, unpadded rows).
+  for r in range(3):
+    inputs = _reference_inputs(host, r, proc.tokenizer.image_id)
+    ids = torch.cat([inputs["input_ids"], torch.tensor(response[r:r + 1], dtype=torch.long)], 1)
+    inputs = dict(inputs, input_ids=ids)
+    if "mm_token_type_ids" in inputs:
+      inputs["mm_token_type_ids"] = (ids == proc.tokenizer.image_id).long()
+    with torch.no_grad():
+      logits = ref(**inputs).logits[0, -5:-1]
+    theirs = torch.log_softmax(logits, -1)[torch.arange(4), response[r]].numpy()
+    # bf16 keeps ~3 significant digits: log-probs of a several-nat spread agree to ~0.1 nats.
+    np.testing.assert_allclose(np.asarray(lp[r], np.float32), theirs, atol=0.5)
+  g = grads["visual"]["patch_embed"]["kernel"][...]
+  assert g.dtype == jnp.bfloat16 and bool(jnp.isfinite(g.astype(jnp.float32)).all())
+  assert float(jnp.abs(g.astype(jnp.float32)).max()) > 0  # gradients reach the vision tower
