@@ -41,6 +41,8 @@ class CheckpointError(ValueError):
 
 
 def read_json(directory: str, name: str) -> dict:
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"checkpoint directory {directory!r} does not exist")
   path = os.path.join(directory, name)
   if not os.path.isfile(path):
     raise CheckpointError(f"checkpoint {directory!r}: missing file {name!r}")
