@@ -62,23 +62,8 @@ def _device(batch):
 
 
 def _reference_inputs(batch, r, image_id):
-  """The unpadded row r of our batch as transformers inputs (pixels normalised as the reference)."""
-  m = batch.mask[r]
-  ids = torch.tensor(batch.tokens[r][m], dtype=torch.long)[None]
-  valid = batch.vision["patch_valid"][r].sum(-1)
-  if not valid.any():
-    return dict(input_ids=ids)
-  mean = np.repeat(np.asarray(qt_mean(), np.float32), 2 * 14 * 14)
-  std = np.repeat(np.asarray(qt_std(), np.float32), 2 * 14 * 14)
-  pix, grids = [], []
-  for k in np.nonzero(valid)[0]:
-    u8 = batch.vision["pixels"][r, k, :valid[k]].astype(np.float32)
-    pix.append((u8 / 255.0 - mean) / std)
-    pos = batch.vision["patch_pos"][r, k, :valid[k]]
-    grids.append([1, pos[:, 0].max() + 1, pos[:, 1].max() + 1])
-  return dict(input_ids=ids, pixel_values=torch.tensor(np.concatenate(pix)),
-              image_grid_thw=torch.tensor(np.asarray(grids)),
-              mm_token_type_ids=(ids == image_id).long())
+  cfg = qwen25vl.Qwen25VLConfig()
+  return qt.reference_inputs(batch, r, image_id, cfg.image_mean, cfg.image_std)
 
 
 def qt_mean():
@@ -325,3 +310,14 @@ def test_bf16_params_and_remat_gradients(ckpt, images):
   g = grads["visual"]["patch_embed"]["kernel"][...]
   assert g.dtype == jnp.bfloat16 and bool(jnp.isfinite(g.astype(jnp.float32)).all())
   assert float(jnp.abs(g.astype(jnp.float32)).max()) > 0  # gradients reach the vision tower
+
+
+def test_check_parity_cli_prints_the_two_result_lines(ckpt, capsys):
+  from experiments import check_parity  # pylint: disable=g-import-not-at-top
+  d, _ = ckpt
+  rc = check_parity.main([f"--hf_dir={d}", "--max_new_tokens=4", "--min_pixels=1568",
+                          "--max_pixels=12544"])
+  last = capsys.readouterr().out.strip().splitlines()[-2:]
+  assert last[0].startswith("max_abs_logit_diff=") and float(last[0].split("=")[1]) < TOL
+  assert last[1] == "greedy_match=true"
+  assert rc == 0

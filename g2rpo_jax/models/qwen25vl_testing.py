@@ -138,3 +138,29 @@ def random_image(rng: np.random.Generator, height: int, width: int) -> np.ndarra
                    (xx + yy) * 127 / max(height + width - 2, 1)], axis=-1)
   noise = rng.normal(0, 40, size=(height, width, 3))
   return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def reference_inputs(batch, row: int, image_id: int, image_mean, image_std, patch_dim: int = 1176):
+  """Row `row` of our (left-padded, numpy) PromptBatch as unpadded transformers inputs.
+
+  Pixels are normalised the reference's way ((x/255 - mean)/std per channel of the
+  channel-major patch layout); the grids are recovered from the patches' (row, col) positions.
+  """
+  import torch
+  m = batch.mask[row]
+  ids = torch.tensor(np.asarray(batch.tokens[row])[m], dtype=torch.long)[None]
+  valid = np.asarray(batch.vision["patch_valid"][row]).sum(-1)
+  if not valid.any():
+    return dict(input_ids=ids)
+  per_channel = patch_dim // 3
+  mean = np.repeat(np.asarray(image_mean, np.float32), per_channel)
+  std = np.repeat(np.asarray(image_std, np.float32), per_channel)
+  pix, grids = [], []
+  for k in np.nonzero(valid)[0]:
+    u8 = np.asarray(batch.vision["pixels"][row, k, :valid[k]]).astype(np.float32)
+    pix.append((u8 / 255.0 - mean) / std)
+    pos = np.asarray(batch.vision["patch_pos"][row, k, :valid[k]])
+    grids.append([1, pos[:, 0].max() + 1, pos[:, 1].max() + 1])
+  return dict(input_ids=ids, pixel_values=torch.tensor(np.concatenate(pix)),
+              image_grid_thw=torch.tensor(np.asarray(grids)),
+              mm_token_type_ids=(ids == image_id).long())
