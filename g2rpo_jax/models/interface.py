@@ -269,7 +269,7 @@ def sequence_logprobs(graphdef, params, prompt: PromptBatch, response_tokens: Ar
     prompt: the PromptBatch the responses were generated from (B rows; repeat its rows G times
       with `repeat_rows` for B*G responses).
     response_tokens: i32[B, T]; response_mask: bool[B, T] (True on real tokens, EOS included).
-    temperature: the sampling temperature (> 0).
+    temperature: the sampling temperature (> 0); a Python float or a traced f32 scalar.
     return_entropy: also return the per-token entropy f32[B, T] of that distribution.
     chunk_size: if set (must divide T), the head + softmax run over T in chunks of this many
       positions under `lax.map`, so only f32[B, chunk, V] logits exist at a time.
@@ -277,7 +277,7 @@ def sequence_logprobs(graphdef, params, prompt: PromptBatch, response_tokens: Ar
   Returns:
     logp f32[B, T] (0 where the mask is False), or (logp, entropy) if return_entropy.
   """
-  if not temperature > 0:
+  if isinstance(temperature, (int, float)) and not temperature > 0:
     raise ValueError(f"temperature must be > 0, got {temperature}")
   model = merge_model(graphdef, params)
   b, t = response_tokens.shape

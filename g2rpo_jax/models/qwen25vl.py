@@ -511,7 +511,7 @@ class Qwen25VL(PolicyModel):
     t, pd = cfg.text, cfg.jnp_param_dtype
     self.config = cfg
     self.embed = _param(rngs, (t.vocab_size, t.hidden_size), ("vocab", "embed"), pd, scale=1.0)
-    self.visual = VisionTower(cfg, rngs)
+    self.vision = VisionTower(cfg, rngs)
     self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(t.num_layers)])
     self.final_norm = RMSNorm(t.hidden_size, t.rms_norm_eps, rngs=rngs, param_dtype=pd, name="embed")
     self.lm_head = None if cfg.tie_word_embeddings else _param(
@@ -527,7 +527,7 @@ class Qwen25VL(PolicyModel):
     b, m, n, k = vis["pixels"].shape
     if m == 0 or n == 0:  # a text-only batch: no vision tower in the graph at all
       return x
-    feats = self.visual(vis["pixels"].reshape(b * m, n, k), vis["patch_pos"].reshape(b * m, n, 2),
+    feats = self.vision(vis["pixels"].reshape(b * m, n, k), vis["patch_pos"].reshape(b * m, n, 2),
                         vis["patch_valid"].reshape(b * m, n), vis["window_id"].reshape(b * m, n))
     feats = feats.reshape(b, m * feats.shape[1], feats.shape[-1]).astype(dt)
     idx = vis["embed_index"]

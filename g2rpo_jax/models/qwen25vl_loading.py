@@ -67,7 +67,7 @@ def checkpoint_names(path: tuple) -> tuple[list[str], Callable]:
       return _text(f"layers.{i}.post_attention_layernorm.weight"), _SAME
     if rest[0] in ("attn", "mlp") and rest[1] in _TEXT_LINEARS:
       return _linear(_text, f"layers.{i}.{_TEXT_LINEARS[rest[1]]}", rest[2])
-  if p[0] == "visual":
+  if p[0] == "vision":
     rest = p[1:]
     if rest == ("patch_embed", "kernel"):
       return _vision("patch_embed.proj.weight"), _PATCH
