@@ -141,5 +141,4 @@ def base_config(tasks=ALL_TASKS) -> ml_collections.ConfigDict:
   # Test hooks; leave at their defaults in real runs.
   c.debug = ml_collections.ConfigDict()
   c.debug.sigkill_after_step = -1  # send ourselves SIGKILL after this step's metrics (tests)
-  c.debug.nan_loss_steps = ()  # steps whose loss is made NaN, to exercise the guard (tests)
   return c

@@ -45,6 +45,8 @@ def main(argv):
                jax.device_count(), workdir)
   summary = trainer.train_and_evaluate(config, workdir)
   logging.info("finished: %s at step %d", summary["status"], summary["step"])
+  print(f"process {jax.process_index()}: {summary['status']} at step {summary['step']}, "
+        f"params checksum {summary['params_checksum']!r}", flush=True)
   return 0
 
 

@@ -58,6 +58,24 @@ Array = jax.Array
 ROW_AXES = ("data", "fsdp")  # batch rows are split over both data-parallel axes
 
 
+# Jitted functions shared by every Trainer of this process, keyed by everything they close over
+# (graphdef, static step config, optimizer hyperparameters, mesh, shardings). A second Trainer
+# with the same model and config (a resumed run, an eval, a test) reuses the compiled programs.
+_JIT_CACHE: dict = {}
+
+
+def _hashable(tree) -> tuple:
+  leaves, treedef = jax.tree.flatten(tree)
+  return (treedef, tuple(leaves))
+
+
+def cached_jit(key: tuple, make_fn: Callable, **jit_kwargs):
+  """jax.jit(make_fn(), **jit_kwargs), built once per key in this process."""
+  if key not in _JIT_CACHE:
+    _JIT_CACHE[key] = jax.jit(make_fn(), **jit_kwargs)
+  return _JIT_CACHE[key]
+
+
 class NonFiniteError(RuntimeError):
   """Raised after `train.max_nonfinite` non-finite updates in a row."""
 
@@ -114,7 +132,6 @@ class StepConfig:
   entropy_lam: float
   h_min: tuple
   h_max: tuple
-  nan_loss_steps: tuple = ()
 
 
 def step_config(config: ml_collections.ConfigDict) -> StepConfig:
@@ -131,8 +148,7 @@ def step_config(config: ml_collections.ConfigDict) -> StepConfig:
       entropy_enabled=bool(ent.enabled), entropy_estimator=ent.estimator,
       entropy_lam=float(ent.lam),
       h_min=tuple(float(ent.bounds[t][0]) for t in names),
-      h_max=tuple(float(ent.bounds[t][1]) for t in names),
-      nan_loss_steps=tuple(int(s) for s in config.debug.nan_loss_steps))
+      h_max=tuple(float(ent.bounds[t][1]) for t in names))
 
 
 def make_optimizer(config: ml_collections.ConfigDict, lr: float | None = None):
@@ -212,15 +228,10 @@ def train_step(state: TrainState, batch: RLBatch, *, graphdef, tx, cfg: StepConf
   """
   minibatches = _split_minibatches(batch, cfg.num_minibatches)
   grad_fn = jax.value_and_grad(rl_loss, has_aux=True)
-  nan_now = jnp.isin(state.step, jnp.asarray(cfg.nan_loss_steps or (-1,), jnp.int32))
 
   def one_update(carry, mb):
     params, opt_state, streak, total = carry
     (loss, aux), grads = grad_fn(params, graphdef, mb, cfg)
-    # Test hook (config.debug.nan_loss_steps): poison this step's loss and gradients.
-    poison = jnp.where(nan_now, jnp.nan, 1.0)
-    loss = loss * poison
-    grads = jax.tree.map(lambda g: g * poison, grads)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, opt_state, params)
@@ -503,14 +514,15 @@ class _Signals:
 class Trainer:
   """Holds the built pieces of one run (mesh, model, processor, jitted functions, sampler)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+               devices: Sequence | None = None):
     config_utils.validate(config)
     self.config = config
     self.workdir = os.path.abspath(workdir)
     self.is_lead = jax.process_index() == 0
     self.num_processes = jax.process_count()
     os.makedirs(self.workdir, exist_ok=True)
-    self.mesh = make_mesh(config.mesh)
+    self.mesh = make_mesh(config.mesh, devices)
     self.task_names = tuple(config.tasks.names)
     self.tasks = get_tasks(config)
     self.tasks_by_name = dict(zip(self.task_names, self.tasks))
@@ -553,9 +565,14 @@ class Trainer:
       estimator_opts.update(std=config.advantage.std, eps=config.advantage.eps)
     from g2rpo_jax import advantages as adv_lib
     estimator = adv_lib.get_estimator(config.advantage.name, group_size=g, **estimator_opts)
-    self._advantages = jax.jit(estimator)
-    self._moments = jax.jit(functools.partial(diagnostics.advantage_moments,
-                                              num_tasks=len(self.task_names)))
+    self._advantages = cached_jit(
+        ("advantages", config.advantage.name, tuple(sorted(estimator_opts.items())), g),
+        lambda: estimator)
+    self._moments = cached_jit(("moments", len(self.task_names)), lambda: functools.partial(
+        diagnostics.advantage_moments, num_tasks=len(self.task_names)))
+    self._length_reward = cached_jit(("length_reward",), lambda: shaping.length_reward)
+    # Everything the optimizer and schedule are built from (part of the compiled update).
+    self.opt_key = (tuple(sorted(config.optimizer.to_dict().items())),)
 
     self.state_sharding = None  # set by init_state
     self.sampler = PromptSampler(self.tasks, config.tasks.weights, config.seed,
@@ -586,7 +603,9 @@ class Trainer:
                              is_leaf=lambda x: jax.tree.structure(x) == param_struct)
     self.state_sharding = TrainState(params=self.param_sharding, opt_state=opt_shard, step=rep,
                                      rng=rep, nonfinite_streak=rep, nonfinite_total=rep)
-    return jax.jit(make, out_shardings=self.state_sharding)(params)
+    key = ("init_state", self.graphdef, self.opt_key, self.config.seed,
+           _hashable(self.state_sharding))
+    return cached_jit(key, lambda: make, out_shardings=self.state_sharding)(params)
 
   def abstract_state(self) -> TrainState:
     abstract = jax.eval_shape(lambda p: self.init_state_shape(p), self._init_params)
@@ -600,26 +619,27 @@ class Trainer:
 
   # -- jitted functions (built once per shape) ---------------------------------------------
 
-  def _jit(self, name, fn, **kw):
-    if name not in self._jit_cache:
-      self._jit_cache[name] = jax.jit(fn, **kw)
-    return self._jit_cache[name]
+  def _jit(self, name, make_fn, *key, **kw):
+    full_key = (name, self.graphdef, self.cfg, self.opt_key, self.mesh, *key)
+    return cached_jit(full_key, make_fn, **kw)
 
   def _batch_shardings(self, batch):
     return jax.tree.map(lambda x: x.sharding, batch)
 
   def train_step_fn(self, batch):
+    in_shardings = (self.state_sharding, self._batch_shardings(batch))
     return self._jit(
         "train_step",
-        functools.partial(train_step, graphdef=self.graphdef, tx=self.tx, cfg=self.cfg,
-                          schedule=self.schedule),
-        in_shardings=(self.state_sharding, self._batch_shardings(batch)),
+        lambda: functools.partial(train_step, graphdef=self.graphdef, tx=self.tx, cfg=self.cfg,
+                                  schedule=self.schedule),
+        _hashable(in_shardings),
+        in_shardings=in_shardings,
         out_shardings=(self.state_sharding, replicated(self.mesh)),
         donate_argnums=0)
 
   def grad_norms_fn(self):
-    return self._jit("grad_norms", functools.partial(task_grad_norms, graphdef=self.graphdef,
-                                                     cfg=self.cfg),
+    return self._jit("grad_norms", lambda: functools.partial(
+        task_grad_norms, graphdef=self.graphdef, cfg=self.cfg),
                      out_shardings=replicated(self.mesh))
 
   def generate(self, params, prompt, key, *, num_samples, temperature):
@@ -658,9 +678,11 @@ class Trainer:
       return restored["params"]
     tx = optax.chain(optax.clip_by_global_norm(self.config.optimizer.grad_clip),
                      optax.adamw(ws.lr, weight_decay=self.config.optimizer.weight_decay))
-    opt_state = jax.jit(tx.init)(params)
-    step = jax.jit(functools.partial(sft_step, graphdef=self.graphdef, tx=tx),
-                   donate_argnums=(0, 1))
+    ws_key = (tuple(sorted(ws.to_dict().items())),)
+    opt_state = self._jit("sft_init", lambda: tx.init, ws_key)(params)
+    step = self._jit("sft_step", lambda: functools.partial(sft_step, graphdef=self.graphdef,
+                                                           tx=tx), ws_key,
+                     donate_argnums=(0, 1))
     sampler = PromptSampler(self.tasks, self.config.tasks.weights, self.config.seed + 1,
                             self.config.tasks.train_size, process_index=jax.process_index(),
                             stream="warm_start")
@@ -765,8 +787,7 @@ class Trainer:
       lengths = out["lengths"].astype(np.float32)
       sh = c.shaping
       if sh.length.enabled:
-        len_r = np.asarray(shaping.length_reward(
-            jnp.asarray(lengths), jnp.asarray(task), *map(jnp.asarray, self.length_thresholds)))
+        len_r = np.asarray(self._length_reward(lengths, task, *self.length_thresholds))
         w_len = sh.length.weight
       else:
         len_r, w_len = np.zeros_like(acc), 0.0
@@ -883,6 +904,19 @@ def _host_metrics(device_metrics: dict, task_names: Sequence[str]) -> dict:
     elif v.ndim == 0:
       out[k] = float(v)
   return out
+
+
+def params_checksum(params) -> float:
+  """Sum of |x| over this process's own copy of every parameter (replicas must agree)."""
+  total = 0.0
+  for x in jax.tree.leaves(params):
+    seen = set()
+    for shard in x.addressable_shards:
+      key = str(shard.index)
+      if key not in seen:
+        seen.add(key)
+        total += float(np.abs(np.asarray(shard.data, np.float64)).sum())
+  return total
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -1008,7 +1042,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt.close()
   writer.close()
   summary = {"status": status, "step": int(jax.device_get(state.step)),
-             "warm_start": warm_scores, "after_rl": after_scores}
+             "warm_start": warm_scores, "after_rl": after_scores,
+             "params_checksum": params_checksum(state.params)}
   if status == "done":
     if after_scores is None:
       after_scores = trainer.evaluate(state.params)
@@ -1019,8 +1054,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return summary
 
 
+_PEAK: list = []
+
+
 def _matmul_peak() -> float:
   """This machine's jitted f32 matmul FLOP/s (the MFU denominator), measured once."""
+  if _PEAK:
+    return _PEAK[0]
+  _PEAK.append(_measure_matmul())
+  return _PEAK[0]
+
+
+def _measure_matmul() -> float:
   n = 1024
   a = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x)
