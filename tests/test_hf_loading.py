@@ -103,10 +103,10 @@ def test_loaded_weights_are_the_checkpoint_tensors(tiny_dir):
   ckpt = hf_loading.SafetensorsCheckpoint(tiny_dir)
   np.testing.assert_array_equal(np.asarray(model.layers[1].attn.k.kernel[...]),
                                 ckpt.get("model.layers.1.self_attn.k_proj.weight").T)
-  np.testing.assert_array_equal(np.asarray(model.visual.merger_fc2.bias[...]),
+  np.testing.assert_array_equal(np.asarray(model.vision.merger_fc2.bias[...]),
                                 ckpt.get("visual.merger.mlp.2.bias"))
   conv = ckpt.get("visual.patch_embed.proj.weight")  # [D, C, T, p, p]
-  np.testing.assert_array_equal(np.asarray(model.visual.patch_embed.kernel[...])[:, 5],
+  np.testing.assert_array_equal(np.asarray(model.vision.patch_embed.kernel[...])[:, 5],
                                 conv[5].reshape(-1))
 
 

@@ -281,7 +281,7 @@ def test_bf16_params_and_remat_gradients(ckpt, images):
   d, ref = ckpt
   bf16 = load_qwen25vl(d, param_dtype="bfloat16", dtype="bfloat16", remat=True)
   assert bf16.layers[0].attn.q.kernel[...].dtype == jnp.bfloat16
-  assert bf16.visual.patch_embed.kernel[...].dtype == jnp.bfloat16
+  assert bf16.vision.patch_embed.kernel[...].dtype == jnp.bfloat16
   proc = _processor(d)
   host = proc(PROMPTS, _prompt_images(images))
   response = np.random.default_rng(2).integers(0, 300, (3, 4)).astype(np.int32)
@@ -307,7 +307,7 @@ def test_bf16_params_and_remat_gradients(ckpt, images):
     theirs = torch.log_softmax(logits, -1)[torch.arange(4), response[r]].numpy()
     # bf16 keeps ~3 significant digits: log-probs of a several-nat spread agree to ~0.1 nats.
     np.testing.assert_allclose(np.asarray(lp[r], np.float32), theirs, atol=0.5)
-  g = grads["visual"]["patch_embed"]["kernel"][...]
+  g = grads["vision"]["patch_embed"]["kernel"][...]
   assert g.dtype == jnp.bfloat16 and bool(jnp.isfinite(g.astype(jnp.float32)).all())
   assert float(jnp.abs(g.astype(jnp.float32)).max()) > 0  # gradients reach the vision tower
 
@@ -321,3 +321,43 @@ def test_check_parity_cli_prints_the_two_result_lines(ckpt, capsys):
   assert last[0].startswith("max_abs_logit_diff=") and float(last[0].split("=")[1]) < TOL
   assert last[1] == "greedy_match=true"
   assert rc == 0
+
+
+def test_config_file_loads_validates_and_builds_the_port(ckpt):
+  from g2rpo_jax import config_utils, trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  d, _ = ckpt
+  c = config_utils.load_config(f"configs/qwen25vl.py:{d},5")
+  config_utils.validate(c)
+  assert (c.model.checkpoint_dir, c.seed) == (d, 5)
+  assert (c.model.param_dtype, c.model.dtype, c.model.remat) == ("bfloat16", "bfloat16", True)
+  assert (c.mesh.data, c.mesh.fsdp) == (1, -1)
+  # Every model key is a ModelConfig field (a misspelt key would be an error here).
+  cfg = qwen25vl._model_config(trainer_lib.model_config(c))
+  assert cfg.checkpoint_dir == d and cfg.max_prompt_len == c.model.max_prompt_len
+
+
+@pytest.mark.slow
+def test_rl_step_end_to_end_on_tiny_checkpoint(ckpt, tmp_path):
+  """The real training loop on the tiny Qwen2.5-VL: rollout with images -> rewards -> G²RPO
+  update -> checkpoint, on a (data=4, fsdp=2) mesh of the 8 fake CPU devices."""
+  from g2rpo_jax import config_utils, metrics, trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  d, _ = ckpt
+  c = config_utils.load_config(f"configs/qwen25vl.py:{d}")
+  config_utils.apply_overrides(c, [
+      "model.dtype=float32", "model.param_dtype=float32", "model.remat=False",
+      "model.max_prompt_len=160", f"model.min_pixels={56 * 56}", f"model.max_pixels={56 * 56}",
+      "tasks.names=('counting',)", "tasks.weights=(1.0,)", "tasks.train_size=8",
+      "tasks.eval_size=1", "rollout.group_size=2", "rollout.max_new_tokens=4",
+      "batch.prompts_per_step=8", "batch.num_minibatches=1", "filtering.enabled=False",
+      "train.num_steps=1", "train.checkpoint_every=1", "train.eval_every=1",
+      "train.grad_norm_every=0", "train.progress_bar=False", "train.plots=False",
+      "eval.batch_size=8", "mesh.data=4", "mesh.fsdp=2"])
+  start = trainer_lib.params_checksum(interface.split_model(load_qwen25vl(d))[1])
+  wd = str(tmp_path / "run")
+  summary = trainer_lib.train_and_evaluate(c, wd)
+  assert summary["status"] == "done" and summary["step"] == 1
+  assert os.listdir(os.path.join(wd, "checkpoints")) == ["1"]
+  last = metrics.read_jsonl(os.path.join(wd, "metrics.jsonl"))[-1]
+  assert np.isfinite(last["loss/total"]) and last["grad_norm"] > 0
+  assert last["response_length/counting"] > 0
+  assert abs(summary["params_checksum"] - start) > 1e-3  # the update moved the weights
