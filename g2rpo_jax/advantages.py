@@ -147,20 +147,20 @@ def _sorted_gauss(new_pool: jax.Array, vals: jax.Array, valid: jax.Array, tol: f
   else:
     split = vals[1:] != vals[:-1]
   new_tie = new_pool | jnp.concatenate([jnp.ones((1,), bool), split])
-  pool_start = lax.cummax(jnp.where(new_pool, idx, 0))
-  pool_last = jnp.concatenate([new_pool[1:], jnp.ones((1,), bool)])
-  pool_end = lax.cummin(jnp.where(pool_last, idx, n_total - 1), reverse=True)
-  n = pool_end - pool_start + 1
-  q = jax.scipy.special.ndtri((idx - pool_start + 0.5).astype(jnp.float32) / n)
+  # Segment ops over sorted ids beat cumulative max/min scans on CPU, at run and compile time.
   tie_id = jnp.cumsum(new_tie.astype(jnp.int32)) - 1
-  tie_start = lax.cummax(jnp.where(new_tie, idx, 0))
-  tie_last = jnp.concatenate([new_tie[1:], jnp.ones((1,), bool)])
-  tie_end = lax.cummin(jnp.where(tie_last, idx, n_total - 1), reverse=True)
-  count = tie_end - tie_start + 1
+  pool_id = jnp.cumsum(new_pool.astype(jnp.int32)) - 1
+  seg_sum = functools.partial(jax.ops.segment_sum, num_segments=n_total, indices_are_sorted=True)
+  seg_min = functools.partial(jax.ops.segment_min, num_segments=n_total, indices_are_sorted=True)
+  ones = jnp.ones((n_total,), jnp.int32)
+  count = seg_sum(ones, tie_id)[tie_id]
+  tie_start = seg_min(idx, tie_id)[tie_id]
+  n = seg_sum(ones, pool_id)[pool_id]
+  pool_start = seg_min(idx, pool_id)[pool_id]
+  q = jax.scipy.special.ndtri((idx - pool_start + 0.5).astype(jnp.float32) / n)
   # Summing each tie block on its own keeps the error relative to the block, not to the pool
   # (a prefix sum over a pool of 10^4 quantiles would lose ~1e-3 in float32).
-  tie_sum = jax.ops.segment_sum(q, tie_id, num_segments=n_total, indices_are_sorted=True)
-  mean = tie_sum[tie_id] / count
+  mean = seg_sum(q, tie_id)[tie_id] / count
   # Blocks symmetric about the pool's middle (pools of one, all-equal pools, a tie straddling
   # the median) are exactly 0 in exact arithmetic; make them exactly 0 here too.
   symmetric = 2 * (tie_start - pool_start) + count == n
