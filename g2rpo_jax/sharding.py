@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -60,8 +60,11 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
   if math.prod(sizes) != n:
     raise ValueError(f"mesh data*fsdp*tensor = {sizes} = {math.prod(sizes)} devices, but there "
                      f"are {n}")
-  # jax.make_mesh orders devices for the physical topology (and across hosts).
-  return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices)
+  # jax.make_mesh orders devices for the physical topology (and across hosts). Auto axes: the
+  # compiler propagates shardings from the annotated inputs, so model code needs no per-op
+  # sharding (Explicit axes would make every gather / einsum state its output sharding).
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                       devices=devices)
 
 
 def _rule_map(rules) -> dict[str, Any]:
