@@ -151,8 +151,10 @@ def sampled_token_nll(logprobs: jax.Array) -> jax.Array:
 def full_vocab_entropy(logits: jax.Array) -> jax.Array:
   """Exact entropy of the next-token distribution: f32[B, T, V] -> f32[B, T] (stable in fp32)."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  # p·logp with p = 0 (logp = −inf after underflow) must count as 0, not NaN.
-  return -jnp.sum(jnp.where(jnp.isfinite(logp), jnp.exp(logp) * logp, 0.0), axis=-1)
+  # p·logp with p = 0 (a −inf logit, e.g. a masked vocabulary entry) must count as 0, not NaN:
+  # replace logp BEFORE the product so the gradient is finite too.
+  finite_logp = jnp.where(jnp.isfinite(logp), logp, 0.0)
+  return -jnp.sum(jnp.exp(logp) * finite_logp, axis=-1)
 
 
 ENTROPY_ESTIMATORS = ("sampled_nll", "full_vocab")

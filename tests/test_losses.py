@@ -80,9 +80,9 @@ class PolicyLossTokenTest(parameterized.TestCase):
 class PolicyLossBatchTest(chex.TestCase):
 
   def _batch(self):
-    # Two sequences, T = 3; the second has one padding token. Ratios and advantages chosen so
-    # each token lands in a different regime.
-    ratios = np.array([[1.1, 1.5, 0.5], [0.7, 4.0, 1.0]])
+    # Two sequences, T = 3; the second has one padding token (with an extreme ratio that must
+    # not show anywhere). Ratios and advantages chosen so each token lands in its own regime.
+    ratios = np.array([[1.1, 1.5, 0.5], [0.7, 4.0, 9.0]])
     logp = jnp.asarray(np.log(ratios), jnp.float32)
     old = jnp.zeros_like(logp)
     adv = jnp.array([1.0, -2.0])
@@ -104,7 +104,7 @@ class PolicyLossBatchTest(chex.TestCase):
     np.testing.assert_allclose(m["clip_frac_dual"], 1 / 5, rtol=1e-6)
     np.testing.assert_allclose(m["ratio_mean"], (1.1 + 1.5 + 0.5 + 0.7 + 4.0) / 5, rtol=1e-5)
     np.testing.assert_allclose(m["ratio_min"], 0.5, rtol=1e-5)
-    np.testing.assert_allclose(m["ratio_max"], 4.0, rtol=1e-5)   # the padded 1.0 is ignored
+    np.testing.assert_allclose(m["ratio_max"], 4.0, rtol=1e-5)   # the padded 9.0 is ignored
     k3 = [r - 1 - math.log(r) for r in (1.1, 1.5, 0.5, 0.7, 4.0)]
     np.testing.assert_allclose(m["approx_kl"], sum(k3) / 5, rtol=1e-5)
     self.assertNotIn("kl", m)

@@ -84,7 +84,8 @@ class EntropyEstimatorTest(parameterized.TestCase):
   def test_full_vocab_vs_numpy(self):
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 3, (2, 3, 11))
-    logits[0, 0, :5] = -1e4   # underflowing probabilities must count as 0
+    logits[0, 0, :5] = -1e4     # underflowing probabilities must count as 0
+    logits[1, 2, 3:6] = -np.inf  # masked vocabulary entries too, with finite gradients
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
