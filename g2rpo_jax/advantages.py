@@ -222,6 +222,20 @@ def _group_codes(rewards: jax.Array, valid: jax.Array, group_size: int) -> jax.A
   return ((n * g + less) * (g + 1) + eq).reshape(-1)
 
 
+def _task_labels_rows(task_ids: jax.Array, group_size: int) -> jax.Array:
+  """_first_occurrence(task_ids), N // G times cheaper when every row has one task id.
+
+  A group is the responses to one prompt, so its task id is normally constant: then relabel
+  one id per row. Otherwise (allowed, just unusual) relabel every response.
+  """
+  rows = task_ids.reshape(-1, group_size)
+
+  def per_row(ids):
+    return jnp.repeat(_first_occurrence(ids.reshape(-1, group_size)[:, 0]), group_size)
+
+  return lax.cond(jnp.all(rows == rows[:, :1]), per_row, _first_occurrence, task_ids)
+
+
 def _g2rpo_rows(rewards, task_ids, valid, mode: str, group_size: int) -> jax.Array:
   values, classes, distinct = _code_table(group_size)
   code = _group_codes(rewards, valid, group_size)
@@ -235,7 +249,7 @@ def _g2rpo_rows(rewards, task_ids, valid, mode: str, group_size: int) -> jax.Arr
     return _gauss_stage_sorted(stage1, task_ids, valid, STAGE2_TIE_TOL)
   # One int32 key per response: (task label, class of its first-stage value); equal keys are
   # equal values in the same pool, so a single-key sort (no payload) orders every pool.
-  key = _first_occurrence(task_ids) * n_classes + jnp.asarray(classes)[code]
+  key = _task_labels_rows(task_ids, group_size) * n_classes + jnp.asarray(classes)[code]
   key = jnp.where(valid, key, jnp.int32(_INT32_MAX))
   s_key = jnp.sort(key)
   s_valid = s_key != _INT32_MAX
