@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 from statistics import NormalDist
+from unittest import mock
 
 import chex
 import jax
@@ -278,6 +279,19 @@ class PropertyTest(chex.TestCase):
     t = jnp.asarray(np.random.default_rng(0).permutation(np.asarray(t)))
     rows = _jit_g2rpo(r, g, t, m, mode=mode, group_size=G)
     np.testing.assert_allclose(rows, ref_g2rpo(r, g, t, m, mode), atol=2e-5)
+
+  def test_rows_layout_fallbacks_agree_with_reference(self):
+    # Past the int32 packed-key bound (forced low here) the rows path sorts on two keys.
+    r, g, t, m = random_batch(160, contiguous_rows=G)
+    with mock.patch.object(adv, "_MAX_PACKED_KEY", 10):
+      fn = jax.jit(functools.partial(adv.g2rpo, mode="group_then_task", group_size=G))
+      np.testing.assert_allclose(fn(r, g, t, m), ref_g2rpo(r, g, t, m, "group_then_task"),
+                                 atol=2e-5)
+    # Groups larger than the table bound (here one group of 96) take the general path.
+    g = jnp.full((N,), 5, jnp.int32)
+    for mode in ("group", "group_then_task"):
+      np.testing.assert_allclose(_jit_g2rpo(r, g, t, m, mode=mode, group_size=N),
+                                 ref_g2rpo(r, g, t, m, mode), atol=2e-5)
 
   @parameterized.product(mode=adv.MODES, seed=tuple(range(3)))
   def test_invariant_to_strictly_increasing_transforms(self, mode, seed):
