@@ -25,10 +25,12 @@ MAX_RESPONSE_CHARS = 65536
 # bounds the quadratic edit distance in the OCR reward.
 MAX_ANSWER_CHARS = 256
 
-_NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
+_NUMBER = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
 _NUMBER_RE = re.compile(rf"\s*({_NUMBER})\s*\.?\s*")
-_BOX_RE = re.compile(
-    rf"\s*[\[(]?\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*[\])]?\s*")
+_BOX_BODY = rf"\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*"
+# Brackets, if any, must match: '[1,2,3,4' is a truncated answer, not a box.
+_BOX_RES = tuple(re.compile(rf"\s*{o}{_BOX_BODY}{c}\s*") for o, c in (("", ""), (r"\[", r"\]"),
+                                                                      (r"\(", r"\)")))
 
 
 def format_demonstration(think: str, answer: str) -> str:
@@ -103,7 +105,7 @@ def parse_box(text) -> tuple[float, float, float, float] | None:
   """Four comma-separated numbers `x0,y0,x1,y1`, optionally in [] or (), else None."""
   if not isinstance(text, str) or len(text) > MAX_ANSWER_CHARS:
     return None
-  m = _BOX_RE.fullmatch(text)
+  m = next((m for m in (r.fullmatch(text) for r in _BOX_RES) if m is not None), None)
   if m is None:
     return None
   box = tuple(float(g) for g in m.groups())
