@@ -169,13 +169,19 @@ class ExampleSource(Sequence):
   def __getitem__(self, i):
     if isinstance(i, slice):
       return [self[j] for j in range(*i.indices(len(self)))]
-    record = self._source[i]
+    n = len(self)
+    if not -n <= i < n:
+      raise IndexError(f"{self!r}: index {i} out of range")
+    record = self._source[i % n]
     t = self._task
     return base.Example(
         image=np.asarray(record["image"], np.uint8), prompt=_text(record["prompt"]),
         answer=json.loads(_text(record["answer"])), task=t.name, reward_type=t.reward_type,
         role=t.role, difficulty=self._difficulty, split=self._split, index=int(record["index"]),
         meta=json.loads(_text(record["meta"])))
+
+  def __iter__(self):
+    return (self[i] for i in range(len(self)))
 
   def __repr__(self) -> str:
     return f"ExampleSource({self._task.name!r}, {self._split!r}, n={len(self)})"
