@@ -92,6 +92,19 @@ def test_only_weighted_tasks_are_built(tmp_path):
   assert list(data.load_sources(cfg, "train")) == ["chart"]
 
 
+def test_make_config(tmp_path):
+  cfg = data.make_config(["ocr", "chart"], [2.0, 1.0], {"train": 3, "validation": 2},
+                         data_dir=str(tmp_path), difficulty={"ocr": {"length": 4}})
+  assert list(cfg.tasks) == ["chart", "ocr"] and cfg.tasks.ocr.weight == 2.0
+  assert cfg.tasks.ocr.difficulty.length == 4 and cfg.tasks.ocr.difficulty.clutter == 0
+  sources = data.load_sources(cfg, "validation")
+  assert len(sources["ocr"]) == 2 and len(sources["ocr"][0].answer) == 4
+  with pytest.raises(ValueError, match="2 task names .* but 1 weights"):
+    data.make_config(["ocr", "chart"], [1.0])
+  with pytest.raises(ValueError, match=r"unknown task\(s\) \['ocrr'\]"):
+    data.make_config(["ocrr"])
+
+
 # --- loader ---------------------------------------------------------------------------------------
 
 def list_sources(n=30, names=("counting", "chart", "ocr")):

@@ -52,6 +52,34 @@ def default_config() -> ml_collections.ConfigDict:
   return cfg
 
 
+def make_config(names=None, weights=None, split_sizes: Mapping[str, int] | None = None,
+                data_dir: str = "", image_size: int = tasks_lib.DEFAULT_IMAGE_SIZE,
+                difficulty: Mapping[str, Mapping] | None = None) -> ml_collections.ConfigDict:
+  """`default_config()` restricted to `names` (in order) with `weights` (same length) etc.
+
+  For trainers whose config lists tasks as parallel tuples (names, weights, sizes).
+  """
+  cfg = default_config()
+  names = list(names) if names is not None else list(tasks_lib.TASKS)
+  weights = list(weights) if weights is not None else [1.0] * len(names)
+  if len(weights) != len(names):
+    raise ValueError(f"{len(names)} task names {names} but {len(weights)} weights {weights}")
+  unknown = [n for n in names if n not in tasks_lib.TASKS]
+  if unknown:
+    raise ValueError(f"unknown task(s) {unknown}; registered tasks: {list(tasks_lib.TASKS)}")
+  cfg.tasks = ml_collections.ConfigDict({n: cfg.tasks[n] for n in names})
+  for n, w in zip(names, weights):
+    cfg.tasks[n].weight = float(w)
+  for n, knobs in (difficulty or {}).items():
+    if n not in cfg.tasks:
+      raise ValueError(f"difficulty given for {n!r}, which is not among the tasks {names}")
+    cfg.tasks[n].difficulty.update(dict(knobs))
+  if split_sizes is not None:
+    cfg.split_sizes = ml_collections.ConfigDict(_check_split_sizes(split_sizes))
+  cfg.data_dir, cfg.image_size = data_dir, image_size
+  return cfg
+
+
 def resolve_data_dir(data_dir: str | None = None) -> str:
   return (data_dir or os.environ.get(DATA_DIR_ENV)
           or os.path.join(os.path.expanduser("~"), ".cache", "g2rpo_jax", "tfds"))
