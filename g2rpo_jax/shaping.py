@@ -34,6 +34,11 @@ ArrayOrFloat = Union[jax.Array, float]
 
 
 def _is_concrete(*xs) -> bool:
+  """True if no argument is a tracer: its values can then be checked on the host with numpy.
+
+  Checks must use numpy, not jnp: under jit even a concrete (closed-over) array turns into a
+  tracer as soon as a jnp op touches it.
+  """
   return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
@@ -45,7 +50,8 @@ def _per_example(param: ArrayOrFloat, task_ids: jax.Array, name: str) -> jax.Arr
   if param.ndim != 1:
     raise ValueError(f"{name} must be a scalar or f32[num_tasks], got shape {param.shape}")
   if _is_concrete(task_ids) and task_ids.size:
-    lo, hi = int(jnp.min(task_ids)), int(jnp.max(task_ids))
+    ids = np.asarray(task_ids)
+    lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= param.shape[0]:
       raise ValueError(f"task ids must be dense in [0, {param.shape[0]}) to index {name}, "
                        f"got ids in [{lo}, {hi}]")
@@ -124,17 +130,18 @@ def compose_reward(accuracy: jax.Array, fmt: jax.Array, task_ids: jax.Array,
   """
   chex.assert_rank([accuracy, fmt, task_ids], 1)
   chex.assert_equal_shape([accuracy, fmt, task_ids])
-  wf = _per_example(w_fmt, task_ids, "w_fmt")
-  wl = _per_example(w_len, task_ids, "w_len")
-  if _is_concrete(wf, wl):
-    if bool(jnp.any((wf < 0) | (wl < 0) | (wf + wl > 1))):
-      raise ValueError(f"compose_reward: weights need w_fmt, w_len >= 0 and w_fmt + w_len <= 1, "
-                       f"got w_fmt={w_fmt!r}, w_len={w_len!r}")
+  if _is_concrete(w_fmt, w_len):
+    wf_np, wl_np = np.broadcast_arrays(np.asarray(w_fmt, np.float64), np.asarray(w_len, np.float64))
+    if np.any((wf_np < 0) | (wl_np < 0) | (wf_np + wl_np > 1)):
+      raise ValueError(f"compose_reward: weights need w_fmt, w_len >= 0 and w_fmt + w_len <= 1 "
+                       f"for every task, got w_fmt={w_fmt!r}, w_len={w_len!r}")
   if length is None:
-    if _is_concrete(wl) and not bool(jnp.any(wl != 0)):
+    if _is_concrete(w_len) and not np.any(np.asarray(w_len) != 0):
       length = jnp.zeros_like(accuracy)
     else:
       raise ValueError("compose_reward: w_len is non-zero (or traced) but no length reward given")
+  wf = _per_example(w_fmt, task_ids, "w_fmt")
+  wl = _per_example(w_len, task_ids, "w_len")
   chex.assert_equal_shape([accuracy, length])
   return (1.0 - wf - wl) * accuracy + wf * fmt + wl * length
 
@@ -205,11 +212,16 @@ def _band(h: jax.Array, present: jax.Array, h_min: jax.Array, h_max: jax.Array) 
 
 
 def _bounds(h_min, h_max, num_tasks):
+  if _is_concrete(h_min, h_max):
+    for name, v in (("h_min", h_min), ("h_max", h_max)):
+      if np.ndim(v) not in (0, 1) or (np.ndim(v) == 1 and np.shape(v)[0] != num_tasks):
+        raise ValueError(f"entropy band: {name} must be a scalar or f32[{num_tasks}], got shape "
+                         f"{np.shape(v)}")
+    if np.any(np.asarray(h_min) > np.asarray(h_max)):
+      raise ValueError(f"entropy band: need h_min <= h_max for every task, got h_min={h_min}, "
+                       f"h_max={h_max}")
   h_min = jnp.broadcast_to(jnp.asarray(h_min, jnp.float32), (num_tasks,))
   h_max = jnp.broadcast_to(jnp.asarray(h_max, jnp.float32), (num_tasks,))
-  if _is_concrete(h_min, h_max) and bool(jnp.any(h_min > h_max)):
-    raise ValueError(f"entropy band: need h_min <= h_max for every task, got h_min={h_min}, "
-                     f"h_max={h_max}")
   return h_min, h_max
 
 

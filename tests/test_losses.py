@@ -186,18 +186,18 @@ class AccumulationTest(parameterized.TestCase):
     logp, old, adv, mask, ref = _random_batch(0)
     cfg = PolicyLossConfig(aggregation=aggregation, kl_coef=kl_coef, norm_len=10.0)
 
-    def summed(lp, sl):
-      loss, metrics = losses.policy_loss(lp, old[sl], adv[sl], mask[sl], ref[sl], config=cfg)
+    def summed(lp, o, a, m, r):
+      loss, metrics = losses.policy_loss(lp, o, a, m, r, config=cfg)
       return loss.sum, (loss, metrics)
 
-    grad_fn = jax.grad(summed, has_aux=True)
-    full_lp = logp
-    g_full, (loss_full, m_full) = grad_fn(full_lp, slice(None))
+    # jit: one compile per shape is much cheaper than eager op-by-op dispatch here.
+    grad_fn = jax.jit(jax.grad(summed, has_aux=True))
+    g_full, (loss_full, m_full) = grad_fn(logp, old, adv, mask, ref)
     # Unequal split (2 + 4 rows) so an average of micro-batch means would be wrong.
     parts = [slice(0, 2), slice(2, 6)]
     grads, acc = [], None
     for sl in parts:
-      g, aux = grad_fn(logp[sl], sl)
+      g, aux = grad_fn(logp[sl], old[sl], adv[sl], mask[sl], ref[sl])
       grads.append(g)
       acc = aux if acc is None else losses.accumulate(acc, aux)
     loss_acc, m_acc = acc
@@ -213,9 +213,9 @@ class AccumulationTest(parameterized.TestCase):
   def test_microbatch_mean_of_means_differs(self):
     # Guard that the split above is informative: averaging per-micro-batch means is not exact.
     logp, old, adv, mask, _ = _random_batch(0)
-    full = losses.finish(losses.policy_loss(logp, old, adv, mask)[0])
-    means = [losses.finish(losses.policy_loss(logp[s], old[s], adv[s], mask[s])[0])
-             for s in (slice(0, 2), slice(2, 6))]
+    mean = jax.jit(lambda *a: losses.finish(losses.policy_loss(*a)[0]))
+    full = mean(logp, old, adv, mask)
+    means = [mean(logp[s], old[s], adv[s], mask[s]) for s in (slice(0, 2), slice(2, 6))]
     self.assertGreater(abs(float(np.mean(means)) - float(full)), 1e-3)
 
   def test_accumulate_type_mismatch(self):

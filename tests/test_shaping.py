@@ -50,6 +50,16 @@ class LengthRewardTest(chex.TestCase):
     with pytest.raises(ValueError, match=what):
       shaping.length_reward(jnp.array([1]), jnp.array([0]), *(jnp.array(v) for v in (a, b, c, d)))
 
+  def test_jit_with_closed_over_thresholds(self):
+    # Concrete parameters closed over by a jitted caller (the trainer's pattern) must not trip
+    # the host-side checks.
+    f = jax.jit(lambda x, t: shaping.length_reward(x, t, L_MIN, L_LOW, L_HIGH, L_MAX))
+    np.testing.assert_allclose(f(jnp.array([15, 10]), jnp.array([0, 1])), [0.5, 0.5])
+    g = jax.jit(lambda a, fm, t, ln: shaping.compose_reward(a, fm, t, jnp.array([0.1, 0.2]),
+                                                             jnp.array([0.2, 0.0]), ln))
+    np.testing.assert_allclose(g(jnp.ones(2), jnp.ones(2), jnp.array([0, 1]), jnp.zeros(2)),
+                               [0.8, 1.0], rtol=1e-6)
+
   def test_task_id_out_of_range(self):
     with pytest.raises(ValueError, match="dense"):
       shaping.length_reward(jnp.array([1]), jnp.array([2]), L_MIN, L_LOW, L_HIGH, L_MAX)
@@ -200,6 +210,14 @@ class EntropyBandTest(chex.TestCase):
     h, mask, tasks = _task_batch([0.5], [2], [0])
     with pytest.raises(ValueError, match="h_min <= h_max"):
       shaping.entropy_band_penalty(h, mask, tasks, 1, h_min=0.7, h_max=0.6)
+    with pytest.raises(ValueError, match="h_max must be a scalar or f32\\[1\\]"):
+      shaping.entropy_band_penalty(h, mask, tasks, 1, h_max=jnp.array([0.6, 0.7]))
+
+  def test_jit_with_closed_over_bounds(self):
+    h, mask, tasks = _task_batch([0.9, 0.1], [2, 2], [0, 1])
+    h_min, h_max = jnp.array([0.2, 0.3]), jnp.array([0.6, 0.6])
+    f = jax.jit(lambda h: shaping.entropy_band_penalty(h, mask, tasks, 2, h_min, h_max, 1.0)[0])
+    np.testing.assert_allclose(f(h), 0.3 + 0.2, rtol=1e-5)
 
 
 class EntropySurrogateTest(parameterized.TestCase):
@@ -215,28 +233,31 @@ class EntropySurrogateTest(parameterized.TestCase):
     # Task 3 appears only in the second micro-batch; tasks differ in where they sit vs the band.
     tasks = jnp.array([0, 1, 2, 0, 1, 2, 3, 0])
     offset = jnp.array([1.0, 0.05, 0.4, 0.9])[tasks][:, None]   # above / below / inside / above
-    ent = lambda w, sl: jnp.abs(x[sl] @ w) * 0.1 + offset[sl]
+    ent = lambda w, x, off: jnp.abs(x @ w) * 0.1 + off
     h_min, h_max, coef = jnp.array([0.2, 0.2, 0.2, 0.3]), jnp.array([0.6, 0.6, 0.9, 0.6]), 0.02
+    # jit (one compile per shape) is much cheaper than eager op-by-op dispatch here.
+    penalty = jax.jit(jax.value_and_grad(
+        lambda w, x, off, m, t: shaping.entropy_band_penalty(ent(w, x, off), m, t, k, h_min,
+                                                             h_max, coef)[0]))
+    stats_fn = jax.jit(lambda w, x, off, m, t: shaping.entropy_stats(ent(w, x, off), m, t, k))
+    surrogate = jax.jit(jax.value_and_grad(
+        lambda w, x, off, m, t, st: shaping.entropy_band_surrogate(ent(w, x, off), m, t, st,
+                                                                   h_min, h_max, coef)))
 
-    full = lambda w: shaping.entropy_band_penalty(ent(w, slice(None)), mask, tasks, k, h_min,
-                                                  h_max, coef)[0]
-    v_full, g_full = jax.value_and_grad(full)(w)
+    v_full, g_full = penalty(w, x, offset, mask, tasks)
     self.assertGreater(float(v_full), 0.0)
 
     parts = [slice(0, 3), slice(3, 8)]
     stats = None
     for sl in parts:
-      s = shaping.entropy_stats(ent(w, sl), mask[sl], tasks[sl], k)
+      s = stats_fn(w, x[sl], offset[sl], mask[sl], tasks[sl])
       stats = s if stats is None else losses.accumulate(stats, s)
     v_acc, g_acc = 0.0, 0.0
     for sl in parts:
-      f = lambda w: shaping.entropy_band_surrogate(ent(w, sl), mask[sl], tasks[sl], stats, h_min,
-                                                   h_max, coef)
-      v, g = jax.value_and_grad(f)(w)
+      v, g = surrogate(w, x[sl], offset[sl], mask[sl], tasks[sl], stats)
       v_acc, g_acc = v_acc + v, g_acc + g
     np.testing.assert_allclose(v_acc, v_full, rtol=1e-5)
     np.testing.assert_allclose(g_acc, g_full, rtol=1e-4, atol=1e-8)
     # ... whereas summing the per-micro-batch penalties is not the full-batch penalty here.
-    naive = sum(shaping.entropy_band_penalty(ent(w, sl), mask[sl], tasks[sl], k, h_min, h_max,
-                                             coef)[0] for sl in parts)
+    naive = sum(penalty(w, x[sl], offset[sl], mask[sl], tasks[sl])[0] for sl in parts)
     self.assertGreater(abs(float(naive) - float(v_full)), 1e-4)
