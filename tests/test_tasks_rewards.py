@@ -176,3 +176,27 @@ def test_pool_ids_are_dense():
   assert sorted(rewards.POOL_IDS.values()) == list(range(len(rewards.REWARD_TYPES)))
   assert set(rewards.POOL_IDS) == {"binary", "iou", "ocr", "relative"}
   assert all(math.isfinite(v) for v in rewards.POOL_IDS.values())
+
+
+# --- fuzz: any text built from tags, numbers and junk scores in [0, 1] without raising -------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_PIECES = st.sampled_from(["<think>", "</think>", "<answer>", "</answer>", "<answer", "answer>",
+                           "3", "-2.5", "[1,2,3,4]", ",", " ", "\n", "left", "K7QA", "é", "\x00",
+                           "1e9", "nan", "((", "]"])
+_TEXT = st.one_of(st.text(max_size=60), st.lists(_PIECES, max_size=25).map("".join))
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(text=_TEXT)
+def test_fuzz_rewards_in_unit_interval(text):
+  for reward_type, truth in (("binary", 3), ("binary", "left"), ("iou", [1, 2, 3, 4]),
+                             ("ocr", "K7QA"), ("relative", 2.5)):
+    v = rewards.accuracy(reward_type, text, truth)
+    assert 0.0 <= v <= 1.0 and not math.isnan(v)
+  assert parsing.format_reward(text) in (0.0, 1.0)
+  # A well-formed response is exactly what split_response accepts.
+  if parsing.format_reward(text):
+    think, answer = parsing.split_response(text)
+    assert text.strip().startswith("<think>") and answer == parsing.extract_answer(text)
