@@ -231,11 +231,12 @@ def policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Ar
     config: PolicyLossConfig; None means the defaults.
 
   Returns:
-    (loss, metrics). loss: SumCount whose `sum` is what to differentiate. metrics: SumCount for
-    pg_loss, clip_frac_low (A < 0 and r < 1 − ε_low), clip_frac_high (A > 0 and r > 1 + ε_high),
-    clip_frac_dual (A < 0 and the −A·c cap binds), approx_kl (k3 of π_old vs π_θ), ratio_mean,
-    kl (when ref_logprobs is given); Min / Max for ratio_min / ratio_max. All token-level metrics
-    are global token means whatever the loss's aggregation mode, so they compare across modes.
+    (loss, metrics). loss: SumCount whose `sum` is what to differentiate. metrics (no gradient):
+    pg_loss, the clipped surrogate without the KL term, in the loss's aggregation mode; and, as
+    global token means whatever the loss's mode (so they compare across modes): clip_frac_low
+    (A < 0 and r < 1 − ε_low), clip_frac_high (A > 0 and r > 1 + ε_high), clip_frac_dual (A < 0
+    and the −A·c cap binds), approx_kl (k3 estimate of KL(π_old ‖ π_θ)), ratio_mean, kl (the
+    KL to the reference, when ref_logprobs is given); Min / Max for ratio_min / ratio_max.
   """
   cfg = PolicyLossConfig() if config is None else config
   chex.assert_rank([logprobs, old_logprobs, mask], 2)

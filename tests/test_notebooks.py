@@ -10,12 +10,11 @@ import os
 import pathlib
 import sys
 
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+import nbclient
 import nbformat
 import pytest
-
-nbclient = pytest.importorskip("nbclient")
-from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402  (after the skip)
-from jupyter_client.manager import KernelManager  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
