@@ -292,3 +292,30 @@ class ConfigTest(parameterized.TestCase):
     self.assertEqual(PolicyLossConfig.from_mapping({"eps_high": 0.28}).eps_high, 0.28)
     with pytest.raises(KeyError, match="clip_ratio"):
       PolicyLossConfig.from_mapping({"clip_ratio": 0.2})
+
+
+class ShardedTest(parameterized.TestCase):
+
+  @parameterized.parameters(*losses.AGGREGATIONS)
+  def test_row_sharded_batch_matches_single_device(self, aggregation):
+    # The trainer shards rows over a data axis; the reductions must not depend on it.
+    devices = np.array(jax.devices()[:8])
+    if devices.size < 8:
+      self.skipTest("needs the 8 fake CPU devices of tests/conftest.py")
+    mesh = jax.sharding.Mesh(devices, ("data",))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    logp, old, adv, mask, ref = _random_batch(2, b=6)
+    # Pad to 8 rows (2 empty ones) so every device holds one row.
+    pad = lambda x: jnp.concatenate([x, jnp.zeros((2,) + x.shape[1:], x.dtype)])
+    args = tuple(map(pad, (logp, old, adv, mask, ref)))
+    cfg = PolicyLossConfig(aggregation=aggregation, kl_coef=0.05)
+    f = lambda lp, o, a, m, r: jax.value_and_grad(
+        lambda lp: losses.finish(losses.policy_loss(lp, o, a, m, r, config=cfg)[0]))(lp)
+    v1, g1 = jax.jit(f)(*args)
+    v8, g8 = jax.jit(f)(*(jax.device_put(x, rows) for x in args))
+    self.assertEqual(len(g8.sharding.device_set), 8)
+    np.testing.assert_allclose(v8, v1, rtol=1e-6)
+    np.testing.assert_allclose(g8, g1, rtol=1e-6, atol=1e-9)
+    # Padding rows change nothing.
+    v0, _ = jax.jit(f)(logp, old, adv, mask, ref)
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
