@@ -115,8 +115,8 @@ def test_sharded_tied_checkpoint_on_a_mesh_matches_reference(sharded_tied_ckpt, 
   d, ref = sharded_tied_ckpt
   assert os.path.isfile(os.path.join(d, "model.safetensors.index.json"))
   assert len([f for f in os.listdir(d) if f.endswith(".safetensors")]) > 1
-  # Auto axes: the port relies on the compiler to propagate shardings (sharding.make_mesh gives
-  # Explicit axes, under which a gather from a sharded embedding needs an explicit out_sharding).
+  # Auto axes, as the trainer's mesh: shardings are propagated by the compiler (explicit axes
+  # would need per-op output shardings for the embedding gather).
   mesh = jax.make_mesh((2, 2, 2), sharding_lib.MESH_AXES,
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
   model = load_qwen25vl(d, mesh=mesh)
