@@ -170,6 +170,22 @@ def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
   return o.reshape(b, t, h, d)
 
 
+def attend_one(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """`attend` for a single query per row (decode). q: [B, 1, H, D]; k, v: [B, S, Hkv, D];
+  mask: bool[B, 1, S]. Scores are laid out [B, S, Hkv, G] so both contractions read the
+  [B, S, Hkv, D] cache in its own layout: as a batched matmul over (B, Hkv) XLA:CPU would
+  transpose the whole cache every step (measured ~4x slower at 128 rows)."""
+  b, _, h, d = q.shape
+  hkv = k.shape[2]
+  qg = q.reshape(b, hkv, h // hkv, d)
+  s = jnp.einsum("bkgd,bskd->bskg", qg, k, preferred_element_type=jnp.float32)
+  s = s * (1.0 / math.sqrt(d))
+  s = jnp.where(mask[:, 0, :, None, None], s, _NEG)
+  p = jax.nn.softmax(s, axis=1).astype(v.dtype)
+  o = jnp.einsum("bskg,bskd->bkgd", p, v)
+  return o.reshape(b, 1, h, d)
+
+
 class Attention(nnx.Module):
 
   def __init__(self, width, num_heads, num_kv_heads, head_dim, param_dtype, *, rngs):
@@ -225,7 +241,7 @@ class Block(nnx.Module):
     q, k, v = self._qkv(x, pos)
     k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, idx, 0, 0))
     v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, idx, 0, 0))
-    return self._finish(x, attend(q, k_cache, v_cache, mask)), k_cache, v_cache
+    return self._finish(x, attend_one(q, k_cache, v_cache, mask)), k_cache, v_cache
 
 
 class VisionEncoder(nnx.Module):
