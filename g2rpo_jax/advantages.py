@@ -125,6 +125,11 @@ def _order_key(x: jax.Array) -> jax.Array:
   return jnp.where(bits < 0, bits ^ jnp.int32(_INT32_MAX), bits)
 
 
+def _run_start(sorted_keys: jax.Array, keys: jax.Array) -> jax.Array:
+  """i32[N]: index of the first element equal to each key in sorted_keys (binary search)."""
+  return jnp.searchsorted(sorted_keys, keys, side="left").astype(jnp.int32)
+
+
 def _first_occurrence(ids: jax.Array) -> jax.Array:
   """Dense-enough relabelling of arbitrary int ids: i32[N] in [0, N), equal iff the ids are equal.
 
@@ -132,7 +137,7 @@ def _first_occurrence(ids: jax.Array) -> jax.Array:
   which XLA does much faster than a sort carrying a payload, plus a binary search).
   """
   s = jnp.sort(ids)
-  return jnp.searchsorted(s, ids, side="left").astype(jnp.int32)
+  return _run_start(s, ids)
 
 
 def _sorted_gauss(new_pool: jax.Array, vals: jax.Array, valid: jax.Array, tol: float) -> jax.Array:
@@ -266,7 +271,7 @@ def _g2rpo_rows(rewards, task_ids, valid, mode: str, group_size: int) -> jax.Arr
       jnp.ones((1,), bool), (s_task[1:] != s_task[:-1]) | (s_valid[1:] != s_valid[:-1])])
   adv_sorted = _sorted_gauss(new_pool, s_vals, s_valid, STAGE2_TIE_TOL)
   # Every member of a run of equal keys has the same advantage: read it at the run's start.
-  adv = adv_sorted[jnp.searchsorted(s_key, key, side="left")]
+  adv = adv_sorted[_run_start(s_key, key)]
   return jnp.where(valid, adv, 0.0)
 
 

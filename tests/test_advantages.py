@@ -129,8 +129,13 @@ def pad(rewards, group_ids=None, task_ids=None, mask=None):
 _jit_g2rpo = jax.jit(adv.g2rpo, static_argnames=("mode", "group_size"))
 
 
-@functools.lru_cache(maxsize=None)
 def jit_estimator(name: str, **options):
+  options = {k: v for k, v in options.items() if v is not None}  # one cache entry per config
+  return _jit_estimator(name, **options)
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_estimator(name: str, **options):
   return jax.jit(adv.get_estimator(name, **options))
 
 
