@@ -25,10 +25,11 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "Step to load (default lates
 _SPLIT = flags.DEFINE_enum("split", "validation", ["validation", "test"], "Held-out split.")
 
 
-def evaluate_checkpoint(config, workdir: str, checkpoint: str = "", split: str = "validation"):
+def evaluate_checkpoint(config, workdir: str, checkpoint: str = "", split: str = "validation",
+                        devices=None):
   """Returns (step label, evaluate() result) and writes the JSON next to the run."""
   from g2rpo_jax import checkpointing, evaluation, metrics, trainer as trainer_lib
-  tr = trainer_lib.Trainer(config, workdir)
+  tr = trainer_lib.Trainer(config, workdir, devices)
   if checkpoint == "warm_start":
     path, label = os.path.join(tr.workdir, "warm_start"), "warm_start"
     ckpt = checkpointing.Checkpointer(path, async_save=False)

@@ -47,6 +47,8 @@ def main(argv):
   logging.info("finished: %s at step %d", summary["status"], summary["step"])
   print(f"process {jax.process_index()}: {summary['status']} at step {summary['step']}, "
         f"params checksum {summary['params_checksum']!r}", flush=True)
+  if jax.process_count() > 1:
+    jax.distributed.shutdown()
   return 0
 
 

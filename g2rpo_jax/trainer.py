@@ -889,6 +889,10 @@ def _rows(tree: dict, sl: slice) -> dict:
 # ------------------------------------------------------------------------------------------
 # The loop.
 
+# What a non-finite stop quotes from the last finite step.
+_HEADLINE = ("loss", "grad_norm", "lr", "reward", "accuracy", "entropy", "response_length")
+
+
 def _finite_floats(d: dict) -> dict:
   return {k: v for k, v in d.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
@@ -919,13 +923,15 @@ def params_checksum(params) -> float:
   return total
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       devices: Sequence | None = None) -> dict:
   """The whole job. Returns a summary dict (also written to <workdir>/summary.json).
 
   Resumes from the latest checkpoint in `<workdir>/checkpoints` when there is one; a SIGTERM /
   SIGINT finishes the current step, saves and returns with summary["status"] == "preempted".
+  `devices` (default: all) are the devices the mesh is built from.
   """
-  trainer = Trainer(config, workdir)
+  trainer = Trainer(config, workdir, devices)
   c = config
   lead = trainer.is_lead
   if lead:
@@ -1019,16 +1025,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       bar.update(1, reward=m.get("reward/all", float("nan")), acc=m.get("accuracy/all"),
                  loss=m.get("loss/total", float("nan")))
       if streak == 0:
-        last_finite = _finite_floats(m)
+        last_finite = {"step": done, **_finite_floats(m)}
       elif streak >= c.train.max_nonfinite:
         tasks_in = sorted({trainer.task_names[i] for i in np.asarray(
             all_hosts(np.asarray(jax.device_get(batch.task_ids))))})
         ckpt.wait()
         writer.close()
+        headline = {k: v for k, v in sorted(last_finite.items())
+                    if k.split("/")[0] in _HEADLINE or k in _HEADLINE}
         raise NonFiniteError(
             f"step {done}: {streak} non-finite updates in a row (train.max_nonfinite = "
-            f"{c.train.max_nonfinite}); tasks in the batch: {tasks_in}; last finite metrics: "
-            f"{json.dumps({k: last_finite[k] for k in sorted(last_finite)[:40]})}")
+            f"{c.train.max_nonfinite}); tasks in the batch: {tasks_in}; last finite metrics "
+            f"(step {last_finite.get('step', 'none')}): {json.dumps(headline)}")
       if done % c.train.checkpoint_every == 0 or done == total or signals.received:
         save(done)
       if c.debug.sigkill_after_step == done:
@@ -1050,6 +1058,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       summary["after_rl"] = after_scores
     if lead:
       _final_report(trainer, warm_scores, after_scores, summary)
+  if trainer.num_processes > 1:
+    # Hosts leave together: the lead's report (plots, JSON) must not race the others' exit
+    # and the coordination service's shutdown barrier.
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("g2rpo_jax train_and_evaluate done")
   trainer.final_state = state
   return summary
 

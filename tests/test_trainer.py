@@ -12,6 +12,11 @@ import pytest
 from g2rpo_jax import config_utils, metrics, trainer as trainer_lib
 
 
+# The end-to-end runs use one device (compiles faster, and the programs are shared with the
+# 1-device side of the sharded test); the 8-device mesh is exercised by that test.
+ONE = jax.devices()[:1]
+
+
 def smoke(*overrides):
   c = config_utils.load_config("smoke")
   config_utils.apply_overrides(c, ["warm_start.steps=2", "train.num_steps=2",
@@ -26,7 +31,7 @@ def _steps(workdir, name="metrics.jsonl"):
 
 def test_smoke_train_resume_eval(tmp_path):
   wd = str(tmp_path / "run")
-  summary = trainer_lib.train_and_evaluate(smoke(), wd)
+  summary = trainer_lib.train_and_evaluate(smoke(), wd, ONE)
   assert summary["status"] == "done" and summary["step"] == 2
   names = set(smoke().tasks.names)
   assert set(summary["warm_start"]) == names and set(summary["after_rl"]) == names
@@ -61,7 +66,7 @@ def test_smoke_train_resume_eval(tmp_path):
   ws_mtime = os.path.getmtime(ws_dir)
 
   # Resume: the same workdir with more steps continues at step 2, rewrites nothing before it.
-  summary = trainer_lib.train_and_evaluate(smoke("train.num_steps=3"), wd)
+  summary = trainer_lib.train_and_evaluate(smoke("train.num_steps=3"), wd, ONE)
   assert summary["status"] == "done" and summary["step"] == 3
   assert _steps(wd) == [0, 1, 2, 3]
   assert os.path.getmtime(ws_dir) == ws_mtime
@@ -70,7 +75,7 @@ def test_smoke_train_resume_eval(tmp_path):
 
   # Evaluation of a chosen checkpoint: table + JSON.
   from experiments import eval as eval_main
-  label, result = eval_main.evaluate_checkpoint(smoke(), wd, "2")
+  label, result = eval_main.evaluate_checkpoint(smoke(), wd, "2", devices=ONE)
   assert label == "2" and set(result) == names
   with open(os.path.join(wd, "eval_validation_2.json")) as f:
     payload = json.load(f)
@@ -82,7 +87,7 @@ def test_smoke_train_resume_eval(tmp_path):
   wd2 = str(tmp_path / "from_init")
   summary = trainer_lib.train_and_evaluate(
       smoke("train.num_steps=1", "train.eval_every=1",
-            f"init_checkpoint={os.path.join(wd, 'checkpoints', '2')}"), wd2)
+            f"init_checkpoint={os.path.join(wd, 'checkpoints', '2')}"), wd2, ONE)
   assert summary["status"] == "done"
   assert not os.path.exists(os.path.join(wd2, "warm_start"))
   assert {k: v["score"] for k, v in summary["warm_start"].items()} == \
@@ -137,11 +142,11 @@ def test_nan_guard_skips_updates_then_stops_naming_the_step(tmp_path, monkeypatc
   monkeypatch.setattr(trainer_lib.Trainer, "collect", poisoned)
   # 2 mini-batches per step: steps 2 and 3 skip 4 updates in a row > max_nonfinite = 3.
   with pytest.raises(trainer_lib.NonFiniteError) as e:
-    trainer_lib.train_and_evaluate(cfg, wd)
+    trainer_lib.train_and_evaluate(cfg, wd, ONE)
   msg = str(e.value)
   assert msg.startswith("step 3: 4 non-finite updates in a row (train.max_nonfinite = 3)")
   assert "tasks in the batch: ['" in msg and "last finite metrics" in msg
-  assert '"loss/total"' in msg  # the finite step-1 metrics are quoted
+  assert "last finite metrics (step 1)" in msg and '"loss/total"' in msg
   by_step = {r["step"]: r for r in metrics.read_jsonl(os.path.join(wd, "metrics.jsonl"))}
   assert by_step[1]["skipped_updates"] == 0 and by_step[2]["skipped_updates"] == 2
   assert by_step[3]["nonfinite_updates_total"] == 4
