@@ -143,3 +143,18 @@ def test_hub_flat_config_layout_is_read(tiny_dir):
   flat["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
   flat["rope_theta"] = rope["rope_theta"]
   assert config_from_hf(flat) == config_from_hf(nested)
+
+
+def test_tensors_are_views_of_the_file_and_sharded_placement_cuts_slices(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  w = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
+  save_file({"w": w}, str(tmp_path / "model.safetensors"))
+  view = hf_loading.SafetensorsCheckpoint(str(tmp_path)).get("w")
+  assert not view.flags.owndata and not view.flags.writeable  # a window on the memory map
+  mesh = jax.make_mesh((4, 2), ("a", "b"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("a", "b"))
+  placed = hf_loading.place(view, np.float32, sharding)
+  assert placed.sharding == sharding
+  for shard in placed.addressable_shards:
+    assert shard.data.shape == (2, 3)
+    np.testing.assert_array_equal(np.asarray(shard.data), w[shard.index])
