@@ -18,6 +18,8 @@ engine (`g2rpo_jax/rollout.py`) and the trainer. The contract, in data-flow orde
   `sequence_logprobs` (the ONE place where the log-probs of a response are computed; the rollout
   engine returns log-probs of the same distribution, see `sequence_logprobs`).
 
+  Tests and benches that need *a* random model without init compiles: `models/testing.py`.
+
   Registry: `register_model(name, build_model=..., build_processor=...)`, then
   `build_model(config, rngs)` / `build_processor(config)` look `config.name` up. A name that is
   not registered yet is imported from `g2rpo_jax.models.<name>` (so a port registers itself at
@@ -206,8 +208,8 @@ class PolicyModel(nnx.Module):
   def hidden_states(self, prompt: PromptBatch, response_tokens: Array) -> Array:
     """Full-sequence path. response_tokens: i32[B, T] (every response token is treated as a real
     token: causality means tokens after a row's EOS cannot change earlier positions).
-    Returns [B, P + T, E] hidden states (compute dtype) AFTER the final norm, so `logits(h)` is only the head.
-    Position t's hidden state predicts token t + 1."""
+    Returns [B, P + T, E] hidden states (compute dtype) AFTER the final norm, so `logits(h)`
+    is only the head. Position t's hidden state predicts token t + 1."""
     raise NotImplementedError
 
   def logits(self, hidden: Array) -> Array:
@@ -337,7 +339,8 @@ def config_from_mapping(cls, config):
   if hasattr(config, "to_dict"):
     config = config.to_dict()
   if not isinstance(config, Mapping):
-    raise TypeError(f"model config must be a {cls.__name__}, dict or ConfigDict, got {type(config)}")
+    raise TypeError(f"model config must be a {cls.__name__}, dict or ConfigDict, "
+                    f"got {type(config)}")
   fields = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(config) - fields)
   if unknown:
