@@ -253,3 +253,14 @@ def test_mesh_rollout_equals_single_device(vlm):
   lp = _seq_lp(graphdef, params, M.repeat_rows(pb, 2), single.tokens, single.mask,
                temperature=1.0)
   np.testing.assert_allclose(lp, single.logprobs, atol=1e-5)
+
+
+def test_bf16_model_rollout_types():
+  cfg = dataclasses.replace(NANO, dtype="bfloat16", param_dtype="bfloat16")
+  graphdef, params = testing.host_init(cfg)
+  s = R.SamplingConfig(max_new_tokens=4, eos_id=2)
+  out = jax.eval_shape(lambda p, pb, k: R.generate(graphdef, p, pb, k, num_samples=2, sampling=s),
+                       params, _vlm_batch(PROMPTS[:2], cfg), jax.random.key(0))
+  assert out.tokens.shape == (4, 4) and out.tokens.dtype == jnp.int32
+  assert out.logprobs.dtype == jnp.float32 and out.mask.dtype == jnp.bool_
+  assert out.truncated.shape == (4,) and out.prompt_index.dtype == jnp.int32
