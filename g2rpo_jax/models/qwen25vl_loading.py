@@ -14,11 +14,11 @@ Must not import torch or transformers.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable
 
 import jax
-import numpy as np
 from flax import nnx
 
 from g2rpo_jax.models import hf_loading
@@ -111,9 +111,9 @@ def load_qwen25vl(checkpoint_dir: str, *, mesh=None,
   if os.path.isfile(preproc):
     pp = hf_loading.read_json(checkpoint_dir, "preprocessor_config.json")
     if "image_mean" in pp or "image_std" in pp:
-      config = config.__class__(**{**config.__dict__,
-                                   "image_mean": tuple(pp.get("image_mean", config.image_mean)),
-                                   "image_std": tuple(pp.get("image_std", config.image_std))})
+      config = dataclasses.replace(config,
+                                   image_mean=tuple(pp.get("image_mean", config.image_mean)),
+                                   image_std=tuple(pp.get("image_std", config.image_std)))
   ckpt = hf_loading.SafetensorsCheckpoint(checkpoint_dir)
   model = abstract_model(config)
   graphdef, state = nnx.split(model)
@@ -135,5 +135,5 @@ def load_qwen25vl(checkpoint_dir: str, *, mesh=None,
   sharding = (lambda path: sharding_for(path, variables[path])) if sharding_for else None
   values = hf_loading.load_tensors(ckpt, targets, sharding)
   for path, var in flat:
-    var.set_value(values[path]) if hasattr(var, "set_value") else setattr(var, "value", values[path])
+    var.set_value(values[path])
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
