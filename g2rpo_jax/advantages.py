@@ -15,8 +15,9 @@ Two layouts are supported:
     natural layout). The group stage then ranks by a G x G comparison (no sort), and the
     group stage's output can only take a few hundred distinct values (for G = 8), so the
     task stage is one single-key int32 sort. Both layouts give the same advantages (tested).
-    On this project's 2-core CPU, group_then_task at N = 65,536 costs about 0.6-1x one
-    `jnp.sort` of the rewards this way, 3.5x in the general layout (experiments/benches).
+    On this project's 2-core CPU, group_then_task at N = 65,536 costs about 0.65-0.85x one
+    `jnp.sort` of the rewards this way, about 3.4x in the general layout
+    (`python -m experiments.bench --only=advantages`).
 
 `get_estimator(name, **options)` returns any estimator with the uniform signature
 `fn(rewards, group_ids, task_ids, mask) -> f32[N]` so a config can name it.
@@ -308,6 +309,8 @@ def g2rpo(rewards: jax.Array, group_ids: jax.Array, task_ids: jax.Array,
   rewards_f32, valid = _prepare("g2rpo", rewards, {"group_ids": group_ids, "task_ids": task_ids}, mask)
   group_ids = jnp.asarray(group_ids)
   task_ids = jnp.asarray(task_ids)
+  if rewards_f32.shape[0] == 0:
+    return rewards_f32  # an empty batch (every prompt filtered out) has no pools
   if group_size is not None and mode != "task":
     _check_rows_are_groups("g2rpo", group_ids, group_size)
     if group_size > _MAX_TABLE_GROUP_SIZE:

@@ -246,6 +246,11 @@ class EdgeCaseTest(chex.TestCase):
     np.testing.assert_allclose(got[:8], ref_pool([0, 0, 1, 0.5, 0, 0, 3, 2]), atol=1e-6)
     self.assertTrue(np.isnan(got[9]))
 
+  def test_empty_batch(self):
+    empty_f, empty_i = jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.int32)
+    for name in adv.ESTIMATORS:
+      self.assertEqual(adv.get_estimator(name)(empty_f, empty_i, empty_i, None).shape, (0,))
+
   def test_large_pool_tie_means_are_accurate(self):
     # 20,000 binary rewards in one task: each tie block is a mean of ~10^4 quantiles.
     rng = np.random.default_rng(0)
