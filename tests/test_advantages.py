@@ -282,6 +282,12 @@ class PropertyTest(chex.TestCase):
     np.testing.assert_allclose(rows, _jit_g2rpo(r, g, t, m, mode=mode), atol=2e-6)
     np.testing.assert_allclose(rows, ref_g2rpo(r, g, t, m, mode), atol=2e-5)
 
+  @parameterized.parameters(3, 16)
+  def test_rows_layout_other_group_sizes(self, group_size):
+    r, g, t, m = random_batch(170 + group_size, contiguous_rows=group_size)
+    rows = _jit_g2rpo(r, g, t, m, mode="group_then_task", group_size=group_size)
+    np.testing.assert_allclose(rows, ref_g2rpo(r, g, t, m, "group_then_task"), atol=2e-5)
+
   @parameterized.parameters("group_then_task", "task")
   def test_rows_layout_with_tasks_varying_inside_a_group(self, mode):
     # Unusual (a prompt has one task) but allowed: the rows path must not assume it.
