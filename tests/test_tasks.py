@@ -265,3 +265,14 @@ def test_partial_credit_shapes():
   w = x1 - x0
   # Box shifted right by half its width: IoU = (w/2 · h) / (1.5 · w · h) = 1/3.
   assert g.reward(f"<answer>{x0 + w / 2},{y0},{x1 + w / 2},{y1}</answer>", ex) == pytest.approx(1 / 3)
+
+
+def test_core_imports_stay_light():
+  # Rewards run inside host loops and TFDS builds: the task core must not pull in jax or TFDS.
+  import pathlib
+  import subprocess
+  import sys
+  code = ("import sys, g2rpo_jax.tasks, g2rpo_jax.tasks.user_data; "
+          "bad = [m for m in ('jax', 'tensorflow_datasets', 'tensorflow', 'sklearn') if m in sys.modules]; "
+          "assert not bad, bad")
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib.Path(__file__).parents[1])
