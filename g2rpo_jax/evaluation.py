@@ -54,8 +54,8 @@ def evaluate(respond: Callable[[list], list[str]], tasks: Sequence, *, split: st
   out = {}
   for t, task in enumerate(tasks):
     n = max(stats[t, 3], 1)
-    out[task.name] = {"score": stats[t, 0] / n, "format": stats[t, 1] / n,
-                      "length": stats[t, 2] / n, "count": int(stats[t, 3])}
+    out[task.name] = {"score": float(stats[t, 0] / n), "format": float(stats[t, 1] / n),
+                      "length": float(stats[t, 2] / n), "count": int(stats[t, 3])}
   return out
 
 
@@ -88,5 +88,6 @@ def write_json(path: str, payload: dict) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
+    json.dump(payload, f, indent=2, sort_keys=True,
+              default=lambda v: v.item() if hasattr(v, "item") else str(v))
   os.replace(tmp, path)

@@ -542,10 +542,19 @@ class Trainer:
     mcfg = model_config(config)
     self.processor = model_api.build_processor(mcfg)
     self.tokenizer = self.processor.tokenizer
-    model = model_api.build_model(mcfg, nnx.Rngs(config.seed))
-    self.graphdef, model_state = model_api.split_model(model)
-    self.param_sharding = param_shardings(model_state, self.mesh)
-    params = jax.device_put(model_state.to_pure_dict(), self.param_sharding)
+    # Initialise inside one jitted program, directly in the sharded layout: eager nnx init
+    # dispatches (and compiles) every initializer op separately, which costs minutes on a
+    # loaded CPU, and a large model would not fit unsharded on one device.
+    abstract = nnx.eval_shape(lambda: model_api.build_model(mcfg, nnx.Rngs(config.seed)))
+    self.graphdef, abstract_state = model_api.split_model(abstract)
+    self.param_sharding = param_shardings(abstract_state, self.mesh)
+
+    def init_params():
+      model = model_api.build_model(mcfg, nnx.Rngs(config.seed))
+      return model_api.split_model(model)[1].to_pure_dict()
+
+    params = cached_jit(("init_params", self.graphdef, config.seed, self.mesh),
+                        lambda: init_params, out_shardings=self.param_sharding)()
     self.num_params = int(sum(x.size for x in jax.tree.leaves(params)))
     # Parameters that multiply every decoder token (the vision tower only sees image patches).
     self.num_matmul_params = int(sum(x.size for k, v in params.items() if k != "vision"
