@@ -46,8 +46,10 @@ def sharded_tied_ckpt(tmp_path_factory):
 @pytest.fixture(scope="session")
 def images():
   rng = np.random.default_rng(0)
-  # 100x70 -> 112x56 (8x4 patches, 2 windows); 60x130 -> 56x140 (4x10 patches, 3 windows).
-  return qt.random_image(rng, 100, 70), qt.random_image(rng, 60, 130)
+  # 100x84 -> 112x84: 8x6 patches = 4x3 merge units, windows of 2x2 units hold 16, 8, 16, 8
+  # patches, so in window order the third window straddles the 16-patch attention blocks.
+  # 60x130 -> 56x140: 4x10 patches, windows of 16, 16, 8 patches.
+  return qt.random_image(rng, 100, 84), qt.random_image(rng, 60, 130)
 
 
 def _processor(d, max_prompt_len=96, max_images=2):
@@ -106,7 +108,7 @@ def test_logits_match_reference_text_one_image_two_images(ckpt, images):
   proc = _processor(d)
   batch = proc(PROMPTS, _prompt_images(images))
   # The two-image prompt really holds two different grids (8x4 and 4x10 patches).
-  assert batch.vision["patch_valid"][2].sum(-1).tolist() == [32, 40]
+  assert batch.vision["patch_valid"][2].sum(-1).tolist() == [48, 40]
   diffs = _max_logit_diff(model, ref, batch, proc.tokenizer.image_id)
   assert max(diffs) < TOL, diffs
 
@@ -189,6 +191,28 @@ def test_processor_ids_and_pixels_match_reference_processor(ckpt, images):
       ours = (np.concatenate(patches).astype(np.float32) / 255.0 - mean) / std
       np.testing.assert_allclose(ours, out["pixel_values"], atol=1e-5)
       assert [[1, *g] for g in grids] == out["image_grid_thw"].tolist()
+
+
+def test_block_local_attention_equals_dense_segment_attention():
+  """Segments that are contiguous runs of <= block positions (any alignment, padding -1 at the
+  end): block-local attention over blocks b-1, b, b+1 is exact dense segment attention."""
+  rng = np.random.default_rng(0)
+  block, n, heads, d = 8, 48, 2, 4
+  segs = []
+  for _ in range(3):
+    sizes, total = [], 0
+    while total < 40:
+      sizes.append(int(rng.integers(1, block + 1)))
+      total += sizes[-1]
+    seg = np.repeat(np.arange(len(sizes)), sizes)[:40]
+    segs.append(np.concatenate([seg, -np.ones(n - 40, int)]))
+  seg = jnp.asarray(np.stack(segs), jnp.int32)
+  q, k, v = (jnp.asarray(rng.normal(size=(3, n, heads, d)), jnp.float32) for _ in range(3))
+  local = qwen25vl._block_local_attend(q, k, v, seg, block, jnp.float32)
+  mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)
+  dense = qwen25vl._attend(q[:, :, :, None], k, v, mask, jnp.float32)[:, :, :, 0]
+  valid = np.asarray(seg >= 0)
+  np.testing.assert_allclose(np.asarray(local)[valid], np.asarray(dense)[valid], atol=1e-5)
 
 
 def test_smart_resize_golden_values():

@@ -41,16 +41,23 @@ def _prompt(batch: int, length: int, grid: tuple[int, int] | None) -> interface.
   pos, nxt = qp.mrope_positions(ids, IMAGE_ID, [grid] if grid else [], merge=2)
   n = grid[0] * grid[1] if grid else 0
   rng = np.random.default_rng(0)
+  if grid:  # the processor's layout: patches in window order (window = 2x2 merge units)
+    units = qp.window_order(*grid, 2, 2)
+    order = (units[:, None] * 4 + np.arange(4)).ravel()
+    pos_ids, win_ids = qp.patch_grid_positions(*grid)[order], qp.window_ids(*grid, 2, 2)[order]
+    feat = np.argsort(units)
+  else:
+    pos_ids, win_ids, feat = np.zeros((0, 2), np.int32), np.zeros((0,), np.int32), None
+  is_img = np.asarray(ids) == IMAGE_ID
+  index = np.full((length,), -1, np.int32)
+  if grid:
+    index[is_img] = feat
   vision = dict(
       pixels=rng.integers(0, 255, (batch, 1, n, 1176), dtype=np.uint8),
-      patch_pos=np.broadcast_to(qp.patch_grid_positions(*grid), (batch, 1, n, 2)) if grid
-      else np.zeros((batch, 1, 0, 2), np.int32),
+      patch_pos=np.broadcast_to(pos_ids, (batch, 1, n, 2)),
       patch_valid=np.ones((batch, 1, n), bool),
-      window_id=np.broadcast_to(qp.window_ids(*grid, 2, 2), (batch, 1, n)) if grid
-      else np.zeros((batch, 1, 0), np.int32),
-      embed_index=np.broadcast_to(np.where(np.asarray(ids) == IMAGE_ID,
-                                           np.cumsum(np.asarray(ids) == IMAGE_ID) - 1, -1),
-                                  (batch, length)),
+      window_id=np.broadcast_to(win_ids, (batch, 1, n)),
+      embed_index=np.broadcast_to(index, (batch, length)),
       positions=np.broadcast_to(pos, (batch, 3, length)),
       next_position=np.full((batch,), nxt, np.int32))
   vision = jax.tree.map(lambda x: jnp.asarray(np.ascontiguousarray(x)), vision)

@@ -375,17 +375,49 @@ class VisionBlock(nnx.Module):
     self.num_heads = v.num_heads
     self.dtype = dt
 
-  def __call__(self, x: Array, cos: Array, sin: Array, seg: Array) -> Array:
-    """x: [I, P, Dv]; cos/sin: f32[I, P, hd]; seg: i32[I, P] attention segment (-1: padding)."""
+  def __call__(self, x: Array, cos: Array, sin: Array, seg: Array,
+               block: int | None = None) -> Array:
+    """x: [I, P, Dv]; cos/sin: f32[I, P, hd]; seg: i32[I, P] attention segment (-1: padding).
+
+    block: attend block-locally (see `_block_local_attend`); None: dense masked attention.
+    """
     n_img, n_patch, dim = x.shape
     h = self.norm1(x)
     qkv = self.qkv(h).reshape(n_img, n_patch, 3, self.num_heads, dim // self.num_heads)
     q, k, val = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)
-    out = _attend(q[:, :, :, None], k, val, mask, self.dtype)  # every head is its own kv group
+    if block is None:
+      mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)
+      out = _attend(q[:, :, :, None], k, val, mask, self.dtype)  # each head its own kv group
+    else:
+      out = _block_local_attend(q, k, val, seg, block, self.dtype)
     x = x + self.proj(out.reshape(n_img, n_patch, dim))
     return x + self.mlp(self.norm2(x))
+
+
+def _block_local_attend(q: Array, k: Array, v: Array, seg: Array, block: int, dtype) -> Array:
+  """Attention within segments that are contiguous runs of at most `block` positions.
+
+  q, k, v: [I, N, H, d]; seg: i32[I, N] (-1: padding); N a multiple of `block`. Such a run
+  touches at most two consecutive blocks, so queries of block b only need keys of blocks
+  b-1, b, b+1: cost 3·block·N instead of N² (the vision tower's windows, stored contiguously by
+  the processor, hold at most (window_size / patch_size)² patches).
+  """
+  n_img, n, heads, d = q.shape
+  nb = n // block
+  blocks = lambda a: a.reshape(n_img, nb, block, *a.shape[2:])
+  pad = lambda a, value: jnp.pad(a, [(0, 0), (1, 1)] + [(0, 0)] * (a.ndim - 2),
+                                 constant_values=value)
+  near = lambda a: jnp.concatenate([a[:, :-2], a[:, 1:-1], a[:, 2:]], axis=2)  # [I, nb, 3B, ..]
+  kb, vb = near(pad(blocks(k), 0)), near(pad(blocks(v), 0))
+  qseg, kseg = blocks(seg), near(pad(blocks(seg), -1))
+  mask = (qseg[..., :, None] == kseg[..., None, :]) & (kseg[..., None, :] >= 0)
+  s = jnp.einsum("ibshd,ibthd->ibhst", blocks(q).astype(dtype), kb.astype(dtype),
+                 preferred_element_type=jnp.float32) * d**-0.5
+  s = jnp.where(mask[:, :, None], s, _MASK_VALUE)
+  p = jax.nn.softmax(s, axis=-1).astype(dtype)
+  out = jnp.einsum("ibhst,ibthd->ibshd", p, vb.astype(dtype))
+  return out.reshape(n_img, n, heads, d)
 
 
 class VisionTower(nnx.Module):
@@ -408,6 +440,7 @@ class VisionTower(nnx.Module):
     self.merge_unit = cfg.merge_unit
     self.remat = cfg.remat
     self.temporal_patch, self.patch_size = v.temporal_patch_size, v.patch_size
+    self.window_patches = (v.window_size // v.patch_size)**2  # patches of one full window
     self.image_mean, self.image_std = tuple(cfg.image_mean), tuple(cfg.image_std)
 
   def rotary(self, patch_pos: Array) -> tuple[Array, Array]:
@@ -431,13 +464,21 @@ class VisionTower(nnx.Module):
     full_seg = jnp.where(patch_valid, 0, -1).astype(jnp.int32)
     win_seg = jnp.where(patch_valid, window_id, -1).astype(jnp.int32)
 
-    def run_block(block, x, seg):
-      return block(x, cos, sin, seg)
+    # Window layers attend block-locally: the processor stores each image's patches in window
+    # order (every window a contiguous run of <= window_patches). With a patch capacity that is
+    # not a multiple of the window (not the processor's layout), dense masked attention.
+    local = self.window_patches if x.shape[1] % self.window_patches == 0 else None
+
+    def run_full(block, x):
+      return block(x, cos, sin, full_seg, None)
+
+    def run_window(block, x):
+      return block(x, cos, sin, win_seg, local)
 
     if self.remat:
-      run_block = nnx.remat(run_block)
+      run_full, run_window = nnx.remat(run_full), nnx.remat(run_window)
     for block, full in zip(self.blocks, self.full_attention):
-      x = run_block(block, x, full_seg if full else win_seg)
+      x = (run_full if full else run_window)(block, x)
     n_img, n_patch, dim = x.shape
     h = self.merger_norm(x).reshape(n_img, n_patch // self.merge_unit, self.merge_unit * dim)
     h = jax.nn.gelu(self.merger_fc1(h), approximate=False)
@@ -501,7 +542,9 @@ class DecoderLayer(nnx.Module):
 # has leading dim B, so rows can be repeated / sharded like the tokens. M image slots per row,
 # N patches per slot (zero padded), K = C·T·p·p pixels per patch, P prompt length.
 VISION_KEYS = {
-    "pixels": "u8[B, M, N, K]  raw RGB patches (normalised on device)",
+    "pixels": "u8[B, M, N, K]  raw RGB patches (normalised on device), each image's patches in "
+              "window order (qwen25vl_processing.window_order; N a multiple of the window "
+              "capacity), which the block-local window attention relies on",
     "patch_pos": "i32[B, M, N, 2]  (row, col) of each patch in its image's patch grid",
     "patch_valid": "bool[B, M, N]  False on padding patches / empty slots",
     "window_id": "i32[B, M, N]  window-attention segment of each patch within its image",

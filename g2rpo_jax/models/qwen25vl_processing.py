@@ -15,7 +15,9 @@
   3. each <|image_pad|> is expanded to one token per merged patch (grid_h·grid_w / 4);
   4. tokens are LEFT-padded to `max_prompt_len` and the per-row vision inputs (patches padded
      to `max_patches` per image slot, `max_images` slots per row, windows, gather indices and the
-     three M-RoPE position streams) are built; see `qwen25vl.VISION_KEYS` for the layout.
+     three M-RoPE position streams) are built; see `qwen25vl.VISION_KEYS` for the layout. Each
+     image's patches are stored in window order (the reference permutes them the same way
+     inside its vision tower), so window attention can work on contiguous blocks.
 
 Must not import jax, torch or transformers (host-side work; the parity tests bring transformers).
 """
@@ -86,6 +88,15 @@ def window_ids(gh: int, gw: int, merge: int, window_units: int) -> np.ndarray:
   pos = patch_grid_positions(gh, gw, merge) // (merge * window_units)
   per_row = -(-(gw // merge) // window_units)
   return (pos[:, 0] * per_row + pos[:, 1]).astype(np.int32)
+
+
+def window_order(gh: int, gw: int, merge: int, window_units: int) -> np.ndarray:
+  """Permutation of the merge units (row-major) into window order: windows row-major, the units
+  of a window row-major (the reference's `window_index`). i64[gh·gw / merge²]."""
+  uh, uw = np.meshgrid(np.arange(gh // merge), np.arange(gw // merge), indexing="ij")
+  per_row = -(-(gw // merge) // window_units)
+  win = (uh // window_units) * per_row + uw // window_units
+  return np.argsort(win.ravel(), kind="stable")
 
 
 def preprocess_image(image: np.ndarray, *, min_pixels: int, max_pixels: int, patch: int = 14,
@@ -170,8 +181,11 @@ class Qwen25VLProcessor:
     if window_size % unit:
       raise ValueError(f"window_size {window_size} must be a multiple of {unit}")
     self.window_units = window_size // unit
-    # Fixed capacity so jitted code never retraces: smart_resize keeps h·w <= max_pixels.
-    self.max_patches = int(max_patches or (max_pixels // (unit * unit)) * merge_size**2)
+    # Fixed capacity so jitted code never retraces: smart_resize keeps h·w <= max_pixels. A
+    # multiple of the window capacity, as the model's block-local window attention needs.
+    window_patches = (self.window_units * merge_size)**2
+    n = int(max_patches or (max_pixels // (unit * unit)) * merge_size**2)
+    self.max_patches = -(-n // window_patches) * window_patches
     self.system_prompt = system_prompt
 
   @property
@@ -226,12 +240,18 @@ class Qwen25VLProcessor:
       for k, (pt, (gh, gw)) in enumerate(zip(patches, grids)):
         if len(pt) > n:
           raise ValueError(f"prompt {r} image {k}: {len(pt)} patches > max_patches {n}")
-        pixels[r, k, :len(pt)] = pt
-        patch_pos[r, k, :len(pt)] = patch_grid_positions(gh, gw, self.merge)
+        # Patches go in window order (whole merge units, so the merger is unaffected): every
+        # window is then a contiguous run of at most one block of the model's block-local
+        # window attention.
+        units = window_order(gh, gw, self.merge, self.window_units)
+        order = (units[:, None] * self.merge**2 + np.arange(self.merge**2)).ravel()
+        pixels[r, k, :len(pt)] = pt[order]
+        patch_pos[r, k, :len(pt)] = patch_grid_positions(gh, gw, self.merge)[order]
         patch_valid[r, k, :len(pt)] = True
-        win[r, k, :len(pt)] = window_ids(gh, gw, self.merge, self.window_units)
-        # Merged feature j of slot k sits at row k·(n/4) + j of the row's feature matrix.
-        feat_rows.append(k * (n // self.merge**2) + np.arange(len(pt) // self.merge**2))
+        win[r, k, :len(pt)] = window_ids(gh, gw, self.merge, self.window_units)[order]
+        # The image's u-th token (units row-major) reads merged feature inverse(units)[u] of
+        # slot k, at row k·(n/4) + that of the row's feature matrix.
+        feat_rows.append(k * (n // self.merge**2) + np.argsort(units))
       if feat_rows:
         embed_index[r, start:][np.asarray(ids) == image_id] = np.concatenate(feat_rows)
     vision = dict(pixels=pixels, patch_pos=patch_pos, patch_valid=patch_valid, window_id=win,

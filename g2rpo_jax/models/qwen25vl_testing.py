@@ -158,9 +158,14 @@ def reference_inputs(batch, row: int, image_id: int, image_mean, image_std, patc
   pix, grids = [], []
   for k in np.nonzero(valid)[0]:
     u8 = np.asarray(batch.vision["pixels"][row, k, :valid[k]]).astype(np.float32)
-    pix.append((u8 / 255.0 - mean) / std)
     pos = np.asarray(batch.vision["patch_pos"][row, k, :valid[k]])
-    grids.append([1, pos[:, 0].max() + 1, pos[:, 1].max() + 1])
+    gh, gw = pos[:, 0].max() + 1, pos[:, 1].max() + 1
+    # Our patches are in window order; the reference takes them merge-unit-major (its own
+    # window permutation happens inside the vision tower).
+    r_, c_ = pos[:, 0], pos[:, 1]
+    key = ((r_ // 2) * (gw // 2) + c_ // 2) * 4 + (r_ % 2) * 2 + c_ % 2
+    pix.append(((u8 / 255.0 - mean) / std)[np.argsort(key)])
+    grids.append([1, gh, gw])
   return dict(input_ids=ids, pixel_values=torch.tensor(np.concatenate(pix)),
               image_grid_thw=torch.tensor(np.asarray(grids)),
               mm_token_type_ids=(ids == image_id).long())
