@@ -141,8 +141,12 @@ class PromptBatch:
 class KVCache:
   """A fixed-size key/value cache, one entry per layer; a pytree (all leaves have leading dim B).
 
-  k, v:     tuple over layers of [B, S, H_kv, D] (compute dtype). S = cache_size, fixed for the
-            whole generation; slot i holds the i-th token of the (left-padded) sequence.
+  k, v:     tuple over layers of per-layer key / value arrays (compute dtype), each
+            [B, S, H_kv, D] or [B, H_kv, S, D] (the model's choice; nothing outside the model
+            reads them, only row-wise ops on the leading B). S = cache_size, fixed for the whole
+            generation; slot i holds the i-th token of the (left-padded) sequence. tiny_vlm uses
+            [B, H_kv, S, D]: decode attention is then a plain batched matmul, with no per-step
+            transpose of the cache on XLA:CPU.
   valid:    bool[B, S]  which slots hold a real key (False for left padding and unwritten slots).
   next_pos: i32[B]      the position id the next token of each row gets (model-defined: text
             positions for tiny_vlm, the M-RoPE text position incl. the per-request offset for
