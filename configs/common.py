@@ -66,7 +66,7 @@ def base_config(tasks=ALL_TASKS) -> ml_collections.ConfigDict:
   c.rollout.top_k = 0
 
   c.batch = ml_collections.ConfigDict()
-  c.batch.prompts_per_step = 32  # prompt groups per RL step (after filtering)
+  c.batch.prompts_per_step = 16  # prompt groups per RL step (after filtering)
   c.batch.num_minibatches = 4  # optimizer steps per rollout batch (SPEC §3)
 
   c.advantage = ml_collections.ConfigDict()
@@ -114,7 +114,7 @@ def base_config(tasks=ALL_TASKS) -> ml_collections.ConfigDict:
 
   c.warm_start = ml_collections.ConfigDict()
   c.warm_start.enabled = True
-  c.warm_start.steps = 300
+  c.warm_start.steps = 200
   c.warm_start.batch_size = 32
   c.warm_start.lr = 1e-3
 
@@ -124,10 +124,10 @@ def base_config(tasks=ALL_TASKS) -> ml_collections.ConfigDict:
   c.mesh.tensor = 1
 
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 100
+  c.train.num_steps = 80
   c.train.log_every = 1
-  c.train.eval_every = 50
-  c.train.checkpoint_every = 25
+  c.train.eval_every = 40
+  c.train.checkpoint_every = 20
   c.train.keep_checkpoints = 3
   c.train.grad_norm_every = 10  # per-task gradient norms (SPEC §7.2) every K steps; 0 = never
   c.train.max_nonfinite = 3  # stop after this many non-finite updates in a row

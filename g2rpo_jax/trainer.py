@@ -256,8 +256,9 @@ def train_step(state: TrainState, batch: RLBatch, *, graphdef, tx, cfg: StepConf
       "grad_norm": jnp.mean(outs["grad_norm"]),
       "skipped_updates": jnp.sum(outs["skipped"]),
       "lr": schedule(state.step * cfg.num_minibatches),
-      "entropy_per_task": losses.safe_div(outs["entropy_sum"].sum(0),
-                                          outs["entropy_count"].sum(0)),
+      # NaN for a task without response tokens in this batch (dropped from the metric line).
+      "entropy_per_task": jnp.where(outs["entropy_count"].sum(0) > 0, losses.safe_div(
+          outs["entropy_sum"].sum(0), outs["entropy_count"].sum(0)), jnp.nan),
   })
   new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1,
                             nonfinite_streak=streak, nonfinite_total=total)

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -15,7 +16,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # No warm start (the in-process tests cover it); unfiltered smoke groups still train.
 COMMON = ["--config=configs/smoke.py", "--config.warm_start.enabled=False",
           "--config.tasks.eval_size=1", "--config.eval.batch_size=6",
-          "--config.train.eval_every=2", "--config.train.checkpoint_every=2"]
+          "--config.train.eval_every=2", "--config.train.checkpoint_every=2",
+          "--config.train.grad_norm_every=0"]
+# Shared by every run of these tests (and across test sessions): compiled programs are keyed by
+# their HLO, so a later run loads what an earlier one compiled instead of compiling again.
+XLA_CACHE = os.path.join(tempfile.gettempdir(), "g2rpo_jax_test_xla_cache")
 
 
 def _env(cache_dir):
@@ -56,15 +61,13 @@ def _leaves(tree, prefix=""):
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
-  cache = tmp_path / "xla_cache"
+  cache = XLA_CACHE
   straight, broken = tmp_path / "straight", tmp_path / "broken"
-  # The uninterrupted run and the run killed after step 3 go side by side.
-  a = _train(straight, cache, "--config.train.num_steps=4", wait=False)
+  rc, _, err = _train(straight, cache, "--config.train.num_steps=4")
+  assert rc == 0, err[-3000:]
   rc, out, err = _train(broken, cache, "--config.train.num_steps=4",
                         "--config.debug.sigkill_after_step=3")
   assert rc == -signal.SIGKILL, err[-3000:]
-  out_a, err_a = a.communicate(timeout=600)
-  assert a.returncode == 0, err_a[-3000:]
   # Killed after step 3's metrics were written but before its checkpoint (every 2 steps).
   with open(broken / "metrics.jsonl") as f:
     assert '"step": 3' in f.read()
@@ -93,7 +96,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
 
 def test_sigterm_saves_and_exits_zero(tmp_path):
   wd = tmp_path / "term"
-  p = _train(wd, tmp_path / "cache", "--config.train.num_steps=200",
+  p = _train(wd, XLA_CACHE, "--config.train.num_steps=200",
              "--config.train.checkpoint_every=100", wait=False)
   metrics_file = wd / "metrics.jsonl"
   deadline = time.time() + 400
