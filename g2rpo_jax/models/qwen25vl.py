@@ -16,21 +16,22 @@ logit for logit (`tests/test_qwen25vl.py`):
 Batching without data-dependent shapes. The reference packs the patches of all images into one
 sequence and attends block-diagonally with `cu_seqlens`, after permuting patches into window
 order. Here each prompt row has M image slots of N patches each (`pixels: u8[B, M, N, K]`,
-zero-padded, `patch_valid: bool[B, M, N]`), the tower runs on the B·M slots as a batch, and
-window attention is a segment mask on the unpermuted patches: attention is
-permutation-equivariant and the merger only groups the four consecutive patches of one 2×2 merge
-unit, which the window permutation never separates, so the result is the reference's (up to
-float summation order; measured ~1e-5 on logits of scale ~5 in f32). Image features reach the
-prompt by a gather: `embed_index: i32[B, P]` points each `<|image_pad|>` token at one row of its
-row's merged features `[M·N/4, D]` (−1 for text). The three M-RoPE position streams of the
-prompt (`positions: i32[B, 3, P]`) are computed on the host by the processor
+zero-padded, `patch_valid: bool[B, M, N]`), the tower runs on the B·M slots as a batch, and the
+processor stores each image's patches already in the reference's window order (whole 2×2 merge
+units move, so the merger is unaffected). Window layers then attend block-locally (blocks of one
+window's capacity; a window, being a contiguous run no longer than a block, touches at most two
+neighbouring blocks), full-attention layers attend densely within the image; both mask by
+segment ids. The result is the reference's up to float summation order (measured ~1e-5 on
+logits of scale ~5 in f32). Image features reach the prompt by a gather:
+`embed_index: i32[B, P]` points each `<|image_pad|>` token at one row of its row's merged
+features `[M·N/4, D]` (−1 for text). The three M-RoPE position streams of the prompt
+(`positions: i32[B, 3, P]`) are computed on the host by the processor
 (`qwen25vl_processing.py`); `next_position: i32[B]` is the first position after the prompt (the
 reference's rope delta + prompt length), which response tokens and the decode path continue
 from, equal on all three streams. All vision leaves have leading dim B (`VISION_KEYS`), so
 `repeat_rows` / batch sharding treat them like the tokens.
 
-Attention is dense and masked (vision: [N, N] per image slot, text: causal [P+T, P+T]); the
-KV cache is `interface.KVCache`. Layers are a Python list (unrolled under jit), each optionally
+Text attention is dense, causal and masked ([P+T, P+T]); the KV cache is `interface.KVCache`. Layers are a Python list (unrolled under jit), each optionally
 under `nnx.remat`.
 
 Must not import torch, transformers, the trainer or the tasks; file I/O lives in the loader.
