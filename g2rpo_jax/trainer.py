@@ -1001,7 +1001,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       batch, m, timing = trainer.collect(state.params, step, key)
       grad_norms = None
       if c.train.grad_norm_every and step % c.train.grad_norm_every == 0:
-        grad_norms = trainer.grad_norms_fn()(state.params, batch)
+        grad_norms = jax.block_until_ready(trainer.grad_norms_fn()(state.params, batch))
       t0 = time.perf_counter()
       state, dm = trainer.train_step_fn(batch)(state, batch)
       dm = _host_metrics(dm, trainer.task_names)
