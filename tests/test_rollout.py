@@ -165,7 +165,8 @@ def _vlm_batch(prompts, cfg=NANO, seed=0):
 
 
 S07 = R.SamplingConfig(max_new_tokens=6, eos_id=2, temperature=0.7, top_k=20, top_p=0.9)
-_seq_lp = jax.jit(M.sequence_logprobs, static_argnames=("temperature",))
+# Temperature traced: one compile per shape serves every temperature.
+_seq_lp = jax.jit(M.sequence_logprobs)
 
 
 def test_rollout_logprobs_equal_trainer_logprobs_at_temperature_07(vlm):
@@ -173,10 +174,12 @@ def test_rollout_logprobs_equal_trainer_logprobs_at_temperature_07(vlm):
   pb = _vlm_batch(PROMPTS[:2])
   r = R.generate(graphdef, params, pb, jax.random.key(0), num_samples=3, sampling=S07)
   assert r.tokens.shape == (6, 6) and r.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
-  lp = _seq_lp(graphdef, params, M.repeat_rows(pb, 3), r.tokens, r.mask, temperature=0.7)
+  lp = _seq_lp(graphdef, params, M.repeat_rows(pb, 3), r.tokens, r.mask,
+               temperature=jnp.float32(0.7))
   np.testing.assert_allclose(lp, r.logprobs, atol=1e-5)
   # At another temperature the same tokens have different log-probs: the check can fail.
-  lp1 = _seq_lp(graphdef, params, M.repeat_rows(pb, 3), r.tokens, r.mask, temperature=1.0)
+  lp1 = _seq_lp(graphdef, params, M.repeat_rows(pb, 3), r.tokens, r.mask,
+                temperature=jnp.float32(1.0))
   assert float(jnp.abs(lp1 - r.logprobs).max()) > 1e-2
   # The G samples of a prompt are distinct draws, not copies.
   assert len({tuple(x) for x in np.asarray(r.tokens[:3])}) > 1
@@ -251,7 +254,7 @@ def test_mesh_rollout_equals_single_device(vlm):
   np.testing.assert_allclose(multi.logprobs, single.logprobs, atol=1e-5)
   # At temperature 1 too, the sampler's log-probs are the trainer's.
   lp = _seq_lp(graphdef, params, M.repeat_rows(pb, 2), single.tokens, single.mask,
-               temperature=1.0)
+               temperature=jnp.float32(1.0))
   np.testing.assert_allclose(lp, single.logprobs, atol=1e-5)
 
 
