@@ -4,12 +4,19 @@ guard; reward functions that fail."""
 import json
 import math
 import os
+import tempfile
 
 import jax
 import numpy as np
 import pytest
 
 from g2rpo_jax import config_utils, metrics, trainer as trainer_lib
+
+# The same persistent compilation cache as the subprocess tests (test_train_resume,
+# test_distributed): programs compiled here are loaded there instead of compiled again.
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(tempfile.gettempdir(), "g2rpo_jax_test_xla_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 # The end-to-end runs use one device (compiles faster, and the programs are shared with the
