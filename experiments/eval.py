@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from g2rpo_jax import config_utils
@@ -62,14 +61,5 @@ def main(argv):
   return 0
 
 
-def run():
-  try:
-    config_utils.check_override_flags(sys.argv[1:])
-  except config_utils.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  app.run(main)
-
-
 if __name__ == "__main__":
-  run()
+  config_utils.run_app(main)

@@ -8,9 +8,8 @@ pass `--multihost` (or set JAX_COORDINATOR_ADDRESS etc.) to call `jax.distribute
 from __future__ import annotations
 
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from g2rpo_jax import config_utils
@@ -52,14 +51,5 @@ def main(argv):
   return 0
 
 
-def run():
-  try:
-    config_utils.check_override_flags(sys.argv[1:])
-  except config_utils.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  app.run(main)
-
-
 if __name__ == "__main__":
-  run()
+  config_utils.run_app(main)

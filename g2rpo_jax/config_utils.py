@@ -13,9 +13,11 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
-from typing import Any, Iterable, Sequence
+import sys
+from typing import Any, Callable, Iterable, Sequence
 
 import ml_collections
+from absl import app
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -148,9 +150,20 @@ def check_override_flags(argv: Sequence[str], flag: str = "config") -> None:
     resolve(config, key)
 
 
+def run_app(main: Callable[[Sequence[str]], int]) -> None:
+  """Runs an absl `main` after checking its `--config.*` overrides (exit 2 on a bad key)."""
+  try:
+    check_override_flags(sys.argv[1:])
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  app.run(main)
+
+
 # ------------------------------------------------------------------------------------------
 # Validation.
 
+# Copies of the library's name lists (this module must not import jax); a test keeps them equal.
 _ESTIMATORS = ("g2rpo", "grpo", "dr_grpo", "rloo", "none")
 _MODES = ("group", "task", "group_then_task")
 _AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")

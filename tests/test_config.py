@@ -110,3 +110,12 @@ def test_command_line_unknown_key_fails_with_valid_keys():
   assert "unknown config key 'advantage.nmae'" in out.stderr
   assert "valid keys there: eps, mode, name, std" in out.stderr
   assert not os.path.exists("/nonexistent/never_created")
+
+
+def test_validation_name_lists_match_the_library():
+  # config_utils keeps its own copies (it must not import jax); they must not drift.
+  from g2rpo_jax import advantages, losses
+  assert set(config_utils._ESTIMATORS) == set(advantages.ESTIMATORS)
+  assert tuple(config_utils._MODES) == tuple(advantages.MODES)
+  assert tuple(config_utils._AGGREGATIONS) == tuple(losses.AGGREGATIONS)
+  assert tuple(config_utils._KL) == tuple(losses.KL_ESTIMATORS)
