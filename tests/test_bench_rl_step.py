@@ -64,7 +64,11 @@ def test_vision_tower_is_refused():
 
 def test_measure_runs_the_step_and_reports_every_field():
   gflops = 10.0
-  row = rl_step.measure(TINY, repeats=1, gflops=gflops)
+  probes = []
+  # The probe stands in for the per-step matmul measurement: the floors must use its value.
+  row = rl_step.measure(TINY, repeats=1, probe=lambda: probes.append(1) or gflops)
+  assert len(probes) == 1
+  assert row["matmul_gflops"] == gflops and row["matmul_gflops_spread"] == 1.0
   json.dumps(row)  # the harness prints rows as JSON
   for k in ("step_s", "rollout_s", "update_s", "completion_tokens_per_s", "matmul_gflops",
             "flop_floor_s", "step_over_flop_floor", "peak_rss_gb", "rollout_floor_s",
@@ -87,3 +91,9 @@ def test_update_changes_params_and_all_rows_run_full_length():
   changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), before, after))
   assert any(changed)
   assert int(rl.state.step) == 1
+  # Steady state: a second step (new key, new params) compiles nothing new.
+  from g2rpo_jax import rollout
+  sizes = (rollout.generate._cache_size(), rl.step_fn._cache_size())
+  rl.step(1)
+  assert (rollout.generate._cache_size(), rl.step_fn._cache_size()) == sizes
+  assert int(rl.state.step) == 2

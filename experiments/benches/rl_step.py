@@ -26,9 +26,11 @@ elementwise work are ignored; N = all decoder params incl. the embedding table):
                       runs: each prompt once (prefill is shared by the group) and T − 1 decode
                       steps per row (the last sampled token is never fed back)
   update_floor_s    = 6 · N · rows · (P + T) / matmul_flops
-`matmul_gflops` is the best of a 2048² f32 matmul and a batched [8, 1024, 1024] matmul, jitted,
-measured in the same run. `step_s`, `rollout_s`, ... are medians over `--repeats` (default 5)
-steady-state steps after one compile step.
+`matmul_gflops` is a jitted 2048² f32 matmul probed right before every timed step (the median
+of the probes is reported, `matmul_gflops_spread` = max / min probe); on this shared machine the
+load drifts within a run, so each `*_over_*floor` ratio is the median over steps of (stage time
+/ floor at that step's own probe). `step_s`, `rollout_s`, ... are medians over `--repeats`
+(default 5) steady-state steps after one compile step (`first_step_s`).
 
 `--sweep` times G ∈ {4, 8, 16} (T = 64) and T ∈ {32, 64, 128} (G = 8) and reports the log-log
 slope of the median step time against each (least squares on log-medians).
@@ -203,31 +205,69 @@ class RLStep:
     return t
 
 
-def measure(w: Workload, repeats: int, gflops: float | None = None, seed: int = 0) -> dict:
-  """Compile step + `repeats` timed steps of workload `w`; one result row (medians)."""
+class MatmulProbe:
+  """A quick matmul-throughput probe (one jitted 2048² f32 matmul, median of 2 after a warm-up)
+  taken right before each timed step: on a shared machine the load drifts within a run, so each
+  step is compared with the throughput of its own moment."""
+
+  def __init__(self, n: int = 2048):
+    import jax
+    import jax.numpy as jnp
+    self.n = n
+    self.a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    self.b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    self.f = jax.jit(lambda x, y: x @ y)
+
+  def __call__(self) -> float:
+    from experiments.benches import _timing
+    t = _timing.median_time(lambda: self.f(self.a, self.b), repeats=2, warmup=1)
+    return 2 * self.n**3 / t / 1e9
+
+
+def measure(w: Workload, repeats: int, gflops: float | None = None, probe=None,
+            seed: int = 0) -> dict:
+  """Compile step + `repeats` timed steps of workload `w`; one result row (medians).
+
+  gflops: the matmul throughput the floors use (measured here when None and no probe).
+  probe: () -> GFLOP/s, called right before every timed step; then the `*_over_*floor` ratios
+  are medians over steps of (stage time / floor at that step's probe), and `matmul_gflops` is
+  the median probe.
+  """
   t0 = time.perf_counter()
   rl = RLStep(w, seed=seed)
   first = rl.step(0)  # compiles every stage
   compile_s = time.perf_counter() - t0
-  steps = [rl.step(i + 1) for i in range(repeats)]
-  if gflops is None:
-    gflops = matmul_gflops()
-  med = {k: statistics.median(s[k] for s in steps)
-         for k in ("step_s", "rollout_s", "reward_s", "advantage_s", "update_s")}
-  floors = flop_floors(rl.n_params, w, gflops * 1e9)
   expected_tokens = w.rows * w.new_tokens
   if first["response_tokens"] != expected_tokens:
     raise RuntimeError(f"rollout produced {first['response_tokens']} response tokens, expected "
                        f"{expected_tokens} (every row must run all {w.new_tokens} steps)")
+  steps, probes = [], []
+  for i in range(repeats):
+    if probe is not None:
+      probes.append(probe())
+    steps.append(rl.step(i + 1))
+  if probes:
+    gflops = statistics.median(probes)
+  elif gflops is None:
+    gflops = matmul_gflops()
+  med = {k: statistics.median(s[k] for s in steps)
+         for k in ("step_s", "rollout_s", "reward_s", "advantage_s", "update_s")}
+  floors = flop_floors(rl.n_params, w, gflops * 1e9)
+  per_step = [flop_floors(rl.n_params, w, g * 1e9) for g in probes] or [floors] * len(steps)
+
+  def ratio(stage, floor):
+    return statistics.median(s[stage] / f[floor] for s, f in zip(steps, per_step))
+
   return {
       "model": w.model, "n_params": rl.n_params, "prompts": w.prompts,
       "prompt_len": w.prompt_len, "group": w.group, "new_tokens": w.new_tokens,
       "repeats": repeats, **med,
       "completion_tokens_per_s": expected_tokens / med["step_s"],
       "matmul_gflops": gflops, **floors,
-      "step_over_flop_floor": med["step_s"] / floors["flop_floor_s"],
-      "rollout_over_floor": med["rollout_s"] / floors["rollout_floor_s"],
-      "update_over_floor": med["update_s"] / floors["update_floor_s"],
+      "step_over_flop_floor": ratio("step_s", "flop_floor_s"),
+      "rollout_over_floor": ratio("rollout_s", "rollout_floor_s"),
+      "update_over_floor": ratio("update_s", "update_floor_s"),
+      "matmul_gflops_spread": (max(probes) / min(probes)) if probes else 1.0,
       "first_step_s": compile_s, "loss": steps[-1]["loss"],
       "peak_rss_gb": peak_rss_gb(),
   }
@@ -235,18 +275,18 @@ def measure(w: Workload, repeats: int, gflops: float | None = None, seed: int = 
 
 def run(args):
   repeats = args.repeats or 5
-  gflops = matmul_gflops()
-  std = measure(STANDARD, repeats, gflops)
+  probe = MatmulProbe()
+  std = measure(STANDARD, repeats, probe=probe)
   yield std
   if not getattr(args, "sweep", False):
     return
   # The standard row above is the (G = 8, T = 64) point of both sweeps.
   by_g, by_t = {8: std}, {64: std}
   for g in (4, 16):
-    by_g[g] = measure(dataclasses.replace(STANDARD, group=g), repeats, gflops)
+    by_g[g] = measure(dataclasses.replace(STANDARD, group=g), repeats, probe=probe)
     yield by_g[g]
   for tt in (32, 128):
-    by_t[tt] = measure(dataclasses.replace(STANDARD, new_tokens=tt), repeats, gflops)
+    by_t[tt] = measure(dataclasses.replace(STANDARD, new_tokens=tt), repeats, probe=probe)
     yield by_t[tt]
   gs = sorted(by_g)
   ts = sorted(by_t)
