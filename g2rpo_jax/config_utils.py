@@ -191,6 +191,11 @@ def validate(config: ConfigDict) -> ConfigDict:
   _expect(c.loss.dual_clip > 1.0, "loss.dual_clip", "a value > 1 (SPEC §3: c = 3)",
           c.loss.dual_clip)
   _expect(c.loss.kl_coef >= 0, "loss.kl_coef", "β >= 0", c.loss.kl_coef)
+  # The trainer keeps no reference policy yet (SPEC §3 default β = 0): fail before compiling
+  # rather than deep inside the loss when the reference log-probs turn out to be missing.
+  _expect(c.loss.kl_coef == 0, "loss.kl_coef",
+          "0: the trainer keeps no reference model yet, so a KL term (β > 0) is not supported",
+          c.loss.kl_coef)
   _expect(c.rollout.group_size >= 2, "rollout.group_size", "at least 2 responses per prompt",
           c.rollout.group_size)
   _expect(c.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", ">= 1",

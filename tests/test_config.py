@@ -50,12 +50,12 @@ def test_overrides_apply_with_the_existing_types():
   config_utils.apply_overrides(c, [
       "advantage.name=grpo", "advantage.mode=task", "shaping.entropy.enabled=False",
       "shaping.length.enabled=false", "rollout.group_size=6", "loss.eps_high=0.25",
-      "shaping.entropy.bounds.ocr=(0.1, 0.9)", "config.loss.kl_coef=0.01",
+      "shaping.entropy.bounds.ocr=(0.1, 0.9)", "config.loss.eps_low=0.15",
       "shaping.length.thresholds.chart=(2,4,8,16)"])
   assert c.advantage.name == "grpo" and c.advantage.mode == "task"
   assert c.shaping.entropy.enabled is False and c.shaping.length.enabled is False
   assert c.rollout.group_size == 6 and isinstance(c.rollout.group_size, int)
-  assert c.loss.eps_high == 0.25 and c.loss.kl_coef == 0.01
+  assert c.loss.eps_high == 0.25 and c.loss.eps_low == 0.15
   assert tuple(c.shaping.entropy.bounds.ocr) == (0.1, 0.9)
   assert tuple(c.shaping.length.thresholds.chart) == (2, 4, 8, 16)
   config_utils.validate(c)
@@ -92,6 +92,7 @@ def test_bad_value_types_are_errors():
     ("filtering.low=0.99", "low < high"),
     ("rollout.group_size=1", "at least 2"),
     ("tasks.weights=(1.0,)", "one weight per task"),
+    ("loss.kl_coef=0.01", "no reference model"),
 ])
 def test_validate_names_the_bad_value(override, match):
   c = config_utils.load_config("smoke")
