@@ -68,6 +68,8 @@ def base_config(tasks=ALL_TASKS) -> ml_collections.ConfigDict:
   c.batch = ml_collections.ConfigDict()
   c.batch.prompts_per_step = 16  # prompt groups per RL step (after filtering)
   c.batch.num_minibatches = 4  # optimizer steps per rollout batch (SPEC §3)
+  # Gradient accumulation inside each optimizer step (same update, less activation memory).
+  c.batch.num_microbatches = 1
 
   c.advantage = ml_collections.ConfigDict()
   c.advantage.name = "g2rpo"

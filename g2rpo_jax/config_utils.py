@@ -205,6 +205,10 @@ def validate(config: ConfigDict) -> ConfigDict:
   _expect(c.batch.num_minibatches >= 1 and c.batch.prompts_per_step % c.batch.num_minibatches
           == 0, "batch.num_minibatches", f"a divisor of batch.prompts_per_step "
           f"({c.batch.prompts_per_step})", c.batch.num_minibatches)
+  mb_rows = c.batch.prompts_per_step * c.rollout.group_size // max(c.batch.num_minibatches, 1)
+  _expect(c.batch.num_microbatches >= 1 and mb_rows % c.batch.num_microbatches == 0,
+          "batch.num_microbatches", f"a divisor of the mini-batch's {mb_rows} rows "
+          f"(prompts_per_step × group_size / num_minibatches)", c.batch.num_microbatches)
   f = c.filtering
   _expect(0.0 <= f.low < f.high <= 1.0, "filtering.low/high", "0 <= low < high <= 1",
           (f.low, f.high))

@@ -218,3 +218,80 @@ def test_prompt_sampler_resumes_exactly():
   other = trainer_lib.PromptSampler(tasks, [1.0, 0.0, 3.0], seed=0, train_size=100,
                                     process_index=1)
   assert other.next(25) != drawn  # each host draws its own shard
+
+
+def _micro_setup(aggregation):
+  """A synthetic mini-batch setup on a nano text decoder: 16 rows of uneven lengths (one empty),
+  two tasks whose entropies sit above / below their bands, ratios around 1 (some clipped)."""
+  import jax.numpy as jnp
+  from g2rpo_jax import losses
+  from g2rpo_jax.models import interface as model_api
+  from g2rpo_jax.models import testing, tiny_vlm
+  mcfg = tiny_vlm.tiny_vlm_config("nano", vision=False)
+  graphdef, params = testing.host_init(mcfg, seed=0)
+  params = params.to_pure_dict()
+  rng = np.random.default_rng(0)
+  n, p, t = 16, 6, 8
+  prompt = model_api.PromptBatch(
+      tokens=jnp.asarray(rng.integers(4, mcfg.vocab_size, (n, p)), jnp.int32),
+      mask=jnp.ones((n, p), bool))
+  tokens = jnp.asarray(rng.integers(4, mcfg.vocab_size, (n, t)), jnp.int32)
+  lengths = rng.integers(1, t + 1, n)
+  lengths[5] = 0  # a padding row: counts in no aggregation mode
+  mask = jnp.asarray(np.arange(t)[None] < lengths[:, None])
+  logp = model_api.sequence_logprobs(graphdef, params, prompt, tokens, mask)
+  old = logp + jnp.asarray(rng.normal(0, 0.2, (n, t)), jnp.float32)
+  batch = trainer_lib.RLBatch(
+      prompt=prompt, tokens=tokens, mask=mask, old_logprobs=old,
+      advantages=jnp.asarray(rng.normal(size=n), jnp.float32),
+      task_ids=jnp.asarray(np.arange(n) % 3 % 2, jnp.int32))
+  # Random-init NLL is ~log(vocab) ≫ 1: task 0 is above its band, task 1 below its band.
+  cfg = trainer_lib.StepConfig(
+      num_tasks=2, num_minibatches=2, temperature=1.0,
+      loss=losses.PolicyLossConfig(aggregation=aggregation, norm_len=float(t)),
+      entropy_enabled=True, entropy_estimator="sampled_nll", entropy_lam=0.5,
+      h_min=(0.2, 50.0), h_max=(0.6, 60.0))
+  return graphdef, params, batch, cfg
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
+def test_microbatched_update_equals_unsplit(aggregation):
+  import dataclasses
+  import functools
+  import jax.numpy as jnp
+  import optax
+  graphdef, params, batch, cfg = _micro_setup(aggregation)
+  # Plain SGD: the parameter change is the (summed) gradient itself, so a wrong accumulation
+  # shows up in the params (AdamW's first step is ~lr·sign(g) and would hide a scale error).
+  tx = optax.sgd(1.0)
+  state = trainer_lib.TrainState(params=params, opt_state=tx.init(params), step=jnp.int32(0),
+                                 rng=jnp.zeros((2,), jnp.uint32),
+                                 nonfinite_streak=jnp.int32(0), nonfinite_total=jnp.int32(0))
+  results = {}
+  for k in (1, 4):
+    step = jax.jit(functools.partial(trainer_lib.train_step, graphdef=graphdef, tx=tx,
+                                     cfg=dataclasses.replace(cfg, num_microbatches=k),
+                                     schedule=optax.constant_schedule(1.0)))
+    new, m = jax.device_get(step(state, batch))
+    delta = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), new.params, params)
+    results[k] = (delta, m)
+  ref_delta, ref = results[1]
+  assert ref["loss/entropy_penalty"] > 0.1  # the band is active for both tasks
+  assert ref["grad_norm"] > 0 and ref["skipped_updates"] == 0
+  for k in (4,):
+    delta, m = results[k]
+    assert set(m) == set(ref)
+    for key in ref:
+      np.testing.assert_allclose(m[key], ref[key], rtol=1e-5, atol=1e-6,
+                                 err_msg=f"{key}, {k} micro-batches")
+    for a, b in zip(jax.tree.leaves(delta), jax.tree.leaves(ref_delta)):
+      # atol: a few float32 ulps of the O(1) params the deltas were taken from.
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6,
+                                 err_msg=f"params, {k} micro-batches")
+
+
+def test_num_microbatches_must_divide_minibatch_rows():
+  # smoke: 4 prompts × 4 samples / 2 mini-batches = 8 rows per update.
+  config_utils.validate(smoke("batch.num_microbatches=4"))
+  with pytest.raises(config_utils.ConfigError, match="batch.num_microbatches"):
+    config_utils.validate(smoke("batch.num_microbatches=3"))

@@ -32,6 +32,10 @@ load drifts within a run, so each `*_over_*floor` ratio is the median over steps
 / floor at that step's own probe). `step_s`, `rollout_s`, ... are medians over `--repeats`
 (default 5) steady-state steps after one compile step (`first_step_s`).
 
+After the standard row come the same workload with `batch.num_microbatches` = 4 and 16 (the
+update accumulates its gradient over micro-batches with `lax.scan`; the optimizer step is the
+same); each row carries `num_microbatches`, compare their `update_over_floor`.
+
 `--sweep` times G ∈ {4, 8, 16} (T = 64) and T ∈ {32, 64, 128} (G = 8) and reports the log-log
 slope of the median step time against each (least squares on log-medians).
 """
@@ -52,7 +56,8 @@ HELP = ("one G²RPO step (rollout + reward + advantages + trainer.train_step upd
         "attention and non-matmul work ignored); also rollout_floor_s = 2N*(16*32 + 128*63) / "
         "matmul_flops (shared prefill + decode steps actually run) and update_floor_s = "
         "6N*128*96 / matmul_flops, with each stage's time over its floor; --sweep: G in "
-        "{4,8,16} and new tokens in {32,64,128}, log-log slopes of step time")
+        "{4,8,16} and new tokens in {32,64,128}, log-log slopes of step time; extra rows: the "
+        "update with batch.num_microbatches = 4 and 16 (gradient accumulation)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +69,8 @@ class Workload:
   group: int = 8
   new_tokens: int = 64
   model_overrides: tuple = ()
+  # batch.num_microbatches of the update (gradient accumulation; the same optimizer step).
+  num_microbatches: int = 1
 
   @property
   def rows(self) -> int:
@@ -76,6 +83,7 @@ class Workload:
 
 
 STANDARD = Workload()
+MICROBATCH_ROWS = (4, 16)
 
 
 def flop_floors(n_params: int, w: Workload, matmul_flops: float) -> dict:
@@ -144,6 +152,7 @@ class RLStep:
 
     config = config_utils.load_config("mix")
     config.batch.num_minibatches = 1          # one optimizer step per rollout batch
+    config.batch.num_microbatches = w.num_microbatches
     config.loss.kl_coef = 0.0                 # β = 0: no reference model
     config.rollout.temperature = 1.0
     config.rollout.max_new_tokens = w.new_tokens
@@ -261,6 +270,7 @@ def measure(w: Workload, repeats: int, gflops: float | None = None, probe=None,
   return {
       "model": w.model, "n_params": rl.n_params, "prompts": w.prompts,
       "prompt_len": w.prompt_len, "group": w.group, "new_tokens": w.new_tokens,
+      "num_microbatches": w.num_microbatches,
       "repeats": repeats, **med,
       "completion_tokens_per_s": expected_tokens / med["step_s"],
       "matmul_gflops": gflops, **floors,
@@ -278,6 +288,10 @@ def run(args):
   probe = MatmulProbe()
   std = measure(STANDARD, repeats, probe=probe)
   yield std
+  # The same workload with the update's gradient accumulated over 4 and 16 micro-batches (the
+  # update is the same; compare `update_over_floor` with the row above).
+  for k in MICROBATCH_ROWS:
+    yield measure(dataclasses.replace(STANDARD, num_microbatches=k), repeats, probe=probe)
   if not getattr(args, "sweep", False):
     return
   # The standard row above is the (G = 8, T = 64) point of both sweeps.
