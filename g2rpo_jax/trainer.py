@@ -151,7 +151,7 @@ def step_config(config: ml_collections.ConfigDict) -> StepConfig:
       entropy_lam=float(ent.lam),
       h_min=tuple(float(ent.bounds[t][0]) for t in names),
       h_max=tuple(float(ent.bounds[t][1]) for t in names),
-      num_microbatches=int(config.batch.get("num_microbatches", 1)))
+      num_microbatches=int(config.batch.num_microbatches))
 
 
 def make_optimizer(config: ml_collections.ConfigDict, lr: float | None = None):
@@ -295,6 +295,8 @@ def train_step(state: TrainState, batch: RLBatch, *, graphdef, tx, cfg: StepConf
   Each update whose loss or gradient norm is not finite is skipped (params and optimizer state
   unchanged) and counted; `nonfinite_streak` counts consecutive skips across steps.
   Returns the new state and metrics (means over the mini-batches; per-task arrays f32[K]).
+  With `cfg.num_microbatches` > 1 each update's gradient is accumulated over strided
+  micro-batches (`_accumulated_grad`): the same update and metrics, less activation memory.
   """
   minibatches = _split_minibatches(batch, cfg.num_minibatches)
   if cfg.num_microbatches == 1:
