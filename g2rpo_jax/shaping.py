@@ -225,6 +225,15 @@ def _bounds(h_min, h_max, num_tasks):
   return h_min, h_max
 
 
+def band_penalty_from_stats(stats: SumCount, h_min: ArrayOrFloat = 0.2,
+                            h_max: ArrayOrFloat = 0.6, coef: float = 0.02) -> jax.Array:
+  """λ · Σ_τ band(H_τ) from per-task entropy stats (`entropy_stats`, possibly accumulated over
+  micro-batches): f32[]. Tasks with no tokens contribute 0."""
+  h_min, h_max = _bounds(h_min, h_max, stats.sum.shape[0])
+  h = safe_div(stats.sum, stats.count)
+  return coef * jnp.sum(_band(h, stats.count > 0, h_min, h_max))
+
+
 def entropy_band_penalty(entropy: jax.Array, mask: jax.Array, task_ids: jax.Array,
                          num_tasks: int, h_min: ArrayOrFloat = 0.2, h_max: ArrayOrFloat = 0.6,
                          coef: float = 0.02) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -221,14 +221,6 @@ def _split_minibatches(batch: RLBatch, m: int) -> RLBatch:
   return jax.tree.map(split, batch)
 
 
-def _band_penalty(stats: losses.SumCount, cfg: StepConfig) -> Array:
-  """λ·Σ_τ band(H_τ) from whole-mini-batch entropy stats (value only; for the metric)."""
-  h = losses.safe_div(stats.sum, stats.count)
-  band = (jnp.maximum(h - jnp.asarray(cfg.h_max), 0.0) + jnp.maximum(jnp.asarray(cfg.h_min) - h,
-                                                                     0.0))
-  return cfg.entropy_lam * jnp.sum(jnp.where(stats.count > 0, band, 0.0))
-
-
 def _accumulated_grad(params, graphdef, mb: RLBatch, cfg: StepConfig):
   """Loss, aux and gradient of `rl_loss` on one mini-batch, accumulated over micro-batches.
 
@@ -283,7 +275,8 @@ def _accumulated_grad(params, graphdef, mb: RLBatch, cfg: StepConfig):
   init = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
   (loss, grads), (pg_stacked, mine_stacked) = jax.lax.scan(one_micro, init, micro)
   seen = _reduce_stacked(mine_stacked)   # equals `stats` when the band is on
-  aux = dict(pg=_reduce_stacked(pg_stacked), entropy_penalty=_band_penalty(seen, cfg),
+  aux = dict(pg=_reduce_stacked(pg_stacked), entropy_penalty=shaping.band_penalty_from_stats(
+                 seen, jnp.asarray(cfg.h_min), jnp.asarray(cfg.h_max), coef=cfg.entropy_lam),
              entropy_per_task=losses.safe_div(seen.sum, seen.count), tokens_per_task=seen.count)
   return (loss, aux), grads
 

@@ -136,6 +136,17 @@ class EntropyBandTest(chex.TestCase):
     self.assertEqual(float(fn(h)), 0.0)
     np.testing.assert_array_equal(jax.grad(fn)(h), 0.0)
 
+  def test_penalty_from_accumulated_stats_matches_direct_penalty(self):
+    # Task 0 above its band (H = 0.9), task 1 below (H = 0.1), task 2 absent; stats added up
+    # over two halves of the batch give the whole batch's penalty: λ(0.3 + 0.1) = 0.008.
+    h, mask, tasks = _task_batch([0.9, 0.9, 0.1, 0.1], [4, 2, 3, 1], [0, 0, 1, 1])
+    halves = [shaping.entropy_stats(h[i::2], mask[i::2], tasks[i::2], 3) for i in (0, 1)]
+    stats = losses.accumulate(*halves)
+    got = shaping.band_penalty_from_stats(stats, 0.2, 0.6, coef=0.02)
+    want = shaping.entropy_band_penalty(h, mask, tasks, 3, 0.2, 0.6, coef=0.02)[0]
+    np.testing.assert_allclose(got, 0.008, rtol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
   def test_linear_outside_with_slope_lambda(self):
     # One task, 3 tokens of entropy H; above H_max = 0.6 the penalty is λ(H − 0.6), below H_min
     # = 0.2 it is λ(0.2 − H).
