@@ -4,24 +4,20 @@ Each `configs/<experiment>.py` calls this and changes what differs. Every leaf h
 trainer reads (`g2rpo_jax.config_utils.validate` checks them), overridable on the command line
 as `--config.a.b=value`. Defaults follow SPEC §3-§6 (the released code's choices).
 
-Must not import jax or anything from g2rpo_jax except config_utils-free constants: configs are
-loaded while parsing flags, before JAX starts.
+Must not import jax (configs are loaded while parsing flags, before JAX starts); from g2rpo_jax
+it reads only the task registry, whose core imports no jax.
 """
 from __future__ import annotations
 
 import ml_collections
 
+from g2rpo_jax import tasks as task_suite  # the task core imports no jax (tests/test_tasks.py)
+
 # The six tasks of the built-in suite (one per domain of the paper) and their role for length
-# shaping (SPEC §4: perception short, reasoning long, hybrid mid).
-ALL_TASKS = ("grounding", "counting", "arithmetic", "ocr", "spatial", "chart")
-ROLES = {
-    "grounding": "perception",
-    "counting": "perception",
-    "ocr": "perception",
-    "arithmetic": "reasoning",
-    "spatial": "hybrid",
-    "chart": "hybrid",
-}
+# shaping (SPEC §4: perception short, reasoning long, hybrid mid), as the tasks declare them.
+ALL_TASKS = task_suite.TASK_NAMES
+ROLES = {name: task.role for name, task in task_suite.TASKS.items()}
+
 # (L_min, L_low, L_high, L_max) in response TOKENS (the tokenizer is character-level, tags are
 # one token each, EOS counts). The demonstrations are 7-29 tokens for perception tasks, 21-35 for
 # hybrids and 23-25 for the arithmetic chain; each window holds its role's demonstrations on the
