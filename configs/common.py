@@ -54,6 +54,21 @@ def base_config(tasks=ALL_TASKS) -> ml_collections.ConfigDict:
   c.tasks.train_size = 2048  # examples per task in the train split
   c.tasks.eval_size = 64  # held-out examples per task scored by evaluation
 
+  # Where RL prompts come from (g2rpo_jax/data_sources.py). "generate": the built-in tasks made
+  # on the fly; "tfds": the same tasks prepared once as TFDS array_record files in
+  # tasks.data_dir and mixed by tasks/loader.MixtureLoader.
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "generate"
+  # User JSONL files (tasks/user_data.py records), one RL-only mixture component each. Parallel
+  # tuples: `paths` is required, the rest may stay () (defaults: name = file stem, weight 1.0,
+  # reward type and role from each record's problem type) or give one value per path.
+  c.data.user = ml_collections.ConfigDict()
+  c.data.user.paths = ()
+  c.data.user.names = ()
+  c.data.user.weights = ()
+  c.data.user.reward_types = ()  # "binary" / "iou" / "ocr" / "relative" or "" (per record)
+  c.data.user.roles = ()  # "perception" / "reasoning" / "hybrid" or "" (from the problem type)
+
   c.rollout = ml_collections.ConfigDict()
   c.rollout.group_size = 8
   c.rollout.max_new_tokens = 48
@@ -78,7 +93,9 @@ def base_config(tasks=ALL_TASKS) -> ml_collections.ConfigDict:
   c.loss.eps_high = 0.3
   c.loss.dual_clip = 3.0
   c.loss.aggregation = "token_mean"
-  c.loss.kl_coef = 0.0  # β; 0 keeps no reference model (SPEC §3)
+  # β; 0 keeps no reference model (SPEC §3). > 0: the frozen initial policy (warm start /
+  # init_checkpoint) is the reference; its log-probs are computed in the collect stage.
+  c.loss.kl_coef = 0.0
   c.loss.kl_estimator = "k3"
   c.loss.log_ratio_clamp = 20.0
 
@@ -89,12 +106,15 @@ def base_config(tasks=ALL_TASKS) -> ml_collections.ConfigDict:
   c.shaping.length.weight = 0.1
   c.shaping.length.thresholds = _per_task({t: LENGTH_WINDOWS[ROLES.get(t, "hybrid")]
                                            for t in tasks})
+  # Window of a task without an entry in `thresholds` (user data), by the task's role.
+  c.shaping.length.role_thresholds = _per_task(LENGTH_WINDOWS)
   c.shaping.entropy = ml_collections.ConfigDict()
   c.shaping.entropy.enabled = True
   c.shaping.entropy.lam = 0.02
   # "sampled_nll": mean −log π(sampled token) (SPEC §5, released code); "full_vocab": exact.
   c.shaping.entropy.estimator = "sampled_nll"
   c.shaping.entropy.bounds = _per_task({t: (0.2, 0.6) for t in tasks})
+  c.shaping.entropy.default_bounds = (0.2, 0.6)  # for tasks without an entry (user data)
 
   c.filtering = ml_collections.ConfigDict()
   c.filtering.enabled = True

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import re
 import sys
 from typing import Any, Callable, Iterable, Sequence
 
@@ -168,6 +169,32 @@ _ESTIMATORS = ("g2rpo", "grpo", "dr_grpo", "rloo", "none")
 _MODES = ("group", "task", "group_then_task")
 _AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 _KL = ("k1", "k2", "k3")
+_SOURCES = ("generate", "tfds")  # data_sources.SOURCES
+_REWARD_TYPES = ("binary", "iou", "ocr", "relative")  # tasks.REWARD_TYPES
+_ROLES = ("perception", "reasoning", "hybrid")  # tasks.ROLES
+
+
+def user_task_name(path: str) -> str:
+  """Default task name of a user JSONL file: its stem, lower case, other characters as '_'."""
+  stem = os.path.splitext(os.path.basename(path))[0]
+  return re.sub(r"[^a-z0-9]+", "_", stem.lower()).strip("_") or "user"
+
+
+def user_task_names(config: ConfigDict) -> tuple[str, ...]:
+  """Task names of the user JSONL components (`config.data.user`)."""
+  u = config.data.user
+  return tuple(u.names) or tuple(user_task_name(p) for p in u.paths)
+
+
+def task_names(config: ConfigDict) -> tuple[str, ...]:
+  """Every task the trainer tracks: the built-in `tasks.names`, then the user components."""
+  return tuple(config.tasks.names) + user_task_names(config)
+
+
+def entropy_bounds(config: ConfigDict, task: str) -> tuple:
+  """(H_min, H_max) of a task: its `shaping.entropy.bounds` entry, else `default_bounds`."""
+  e = config.shaping.entropy
+  return tuple(e.bounds[task]) if task in e.bounds else tuple(e.default_bounds)
 
 
 def _expect(cond: bool, key: str, what: str, value: Any) -> None:
@@ -191,11 +218,6 @@ def validate(config: ConfigDict) -> ConfigDict:
   _expect(c.loss.dual_clip > 1.0, "loss.dual_clip", "a value > 1 (SPEC §3: c = 3)",
           c.loss.dual_clip)
   _expect(c.loss.kl_coef >= 0, "loss.kl_coef", "β >= 0", c.loss.kl_coef)
-  # The trainer keeps no reference policy yet (SPEC §3 default β = 0): fail before compiling
-  # rather than deep inside the loss when the reference log-probs turn out to be missing.
-  _expect(c.loss.kl_coef == 0, "loss.kl_coef",
-          "0: the trainer keeps no reference model yet, so a KL term (β > 0) is not supported",
-          c.loss.kl_coef)
   _expect(c.rollout.group_size >= 2, "rollout.group_size", "at least 2 responses per prompt",
           c.rollout.group_size)
   _expect(c.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", ">= 1",
@@ -218,8 +240,15 @@ def validate(config: ConfigDict) -> ConfigDict:
   _expect(len(set(tasks)) == len(tasks), "tasks.names", "no duplicates", tasks)
   _expect(len(c.tasks.weights) == len(tasks), "tasks.weights",
           f"one weight per task ({len(tasks)})", tuple(c.tasks.weights))
-  _expect(all(w >= 0 for w in c.tasks.weights) and sum(c.tasks.weights) > 0, "tasks.weights",
-          "non-negative weights with a positive sum", tuple(c.tasks.weights))
+  user = _validate_user_data(c)
+  _expect(all(w >= 0 for w in c.tasks.weights) and sum(c.tasks.weights) + sum(user) > 0,
+          "tasks.weights", "non-negative weights with a positive sum (with data.user.weights)",
+          tuple(c.tasks.weights))
+  # User data has no demonstrations (data_sources.py): the warm start needs a built-in task.
+  _expect(not (c.warm_start.enabled and not c.init_checkpoint and sum(c.tasks.weights) <= 0),
+          "tasks.weights", "a built-in task with weight > 0 when the warm start runs (user JSONL "
+          "data is RL-only); or set warm_start.enabled=False or init_checkpoint",
+          tuple(c.tasks.weights))
   s = c.shaping
   _expect(0 <= s.format_weight and 0 <= s.length.weight and
           s.format_weight + (s.length.weight if s.length.enabled else 0.0) < 1.0,
@@ -228,6 +257,14 @@ def validate(config: ConfigDict) -> ConfigDict:
   _expect(s.entropy.lam >= 0, "shaping.entropy.lam", "λ >= 0", s.entropy.lam)
   _expect(s.entropy.estimator in ("sampled_nll", "full_vocab"), "shaping.entropy.estimator",
           "'sampled_nll' or 'full_vocab'", s.entropy.estimator)
+  d = tuple(s.entropy.default_bounds)
+  _expect(len(d) == 2 and 0 <= d[0] <= d[1], "shaping.entropy.default_bounds",
+          "(H_min, H_max) with 0 <= H_min <= H_max", d)
+  for role in _ROLES:
+    th = _per_task(s.length.role_thresholds, role, "shaping.length.role_thresholds")
+    _expect(len(th) == 4 and th[0] < th[1] <= th[2] < th[3],
+            f"shaping.length.role_thresholds.{role}", "(L_min, L_low, L_high, L_max) with "
+            "L_min < L_low <= L_high < L_max (SPEC §4)", th)
   for name in tasks:
     lo_hi = _per_task(s.entropy.bounds, name, "shaping.entropy.bounds")
     _expect(len(lo_hi) == 2 and 0 <= lo_hi[0] <= lo_hi[1], f"shaping.entropy.bounds.{name}",
@@ -247,6 +284,36 @@ def validate(config: ConfigDict) -> ConfigDict:
             ">= 1" if key != "num_steps" else ">= 0", t[key])
   _expect(c.optimizer.lr > 0, "optimizer.lr", "> 0", c.optimizer.lr)
   return config
+
+
+def _validate_user_data(c: ConfigDict) -> tuple[float, ...]:
+  """Checks `data.source` and `data.user`; returns the user components' weights."""
+  _expect(c.data.source in _SOURCES, "data.source", f"one of {_SOURCES}", c.data.source)
+  u = c.data.user
+  paths = tuple(u.paths)
+  for key in ("names", "weights", "reward_types", "roles"):
+    v = tuple(u[key])
+    _expect(not v or len(v) == len(paths), f"data.user.{key}",
+            f"() or one entry per data.user.paths ({len(paths)})", v)
+  for p in paths:
+    _expect(isinstance(p, str) and os.path.isfile(p), "data.user.paths",
+            "paths of existing JSONL files", p)
+  weights = tuple(u.weights) or (1.0,) * len(paths)
+  _expect(all(isinstance(w, (int, float)) and w >= 0 for w in weights), "data.user.weights",
+          "non-negative numbers", weights)
+  for r in u.reward_types:
+    _expect(r in _REWARD_TYPES + ("",), "data.user.reward_types",
+            f"entries from {_REWARD_TYPES} or '' (each record's problem type)", tuple(u.reward_types))
+  for r in u.roles:
+    _expect(r in _ROLES + ("",), "data.user.roles",
+            f"entries from {_ROLES} or '' (from the problem type)", tuple(u.roles))
+  names = user_task_names(c)
+  _expect(len(set(names)) == len(names), "data.user.names",
+          "distinct task names (the default is each file's stem; set data.user.names)", names)
+  clash = sorted(set(names) & set(c.tasks.names))
+  _expect(not clash, "data.user.names", f"names other than the built-in tasks.names {clash}",
+          names)
+  return tuple(float(w) for w in weights)
 
 
 def _per_task(section: ConfigDict, task: str, where: str) -> tuple:

@@ -47,6 +47,7 @@ from flax import struct
 
 from g2rpo_jax import checkpointing
 from g2rpo_jax import config_utils
+from g2rpo_jax import data_sources
 from g2rpo_jax import diagnostics
 from g2rpo_jax import losses
 from g2rpo_jax import metrics as metrics_lib
@@ -137,7 +138,7 @@ class StepConfig:
 
 
 def step_config(config: ml_collections.ConfigDict) -> StepConfig:
-  names = tuple(config.tasks.names)
+  names = config_utils.task_names(config)
   ent = config.shaping.entropy
   loss_cfg = losses.PolicyLossConfig(
       eps_low=config.loss.eps_low, eps_high=config.loss.eps_high,
@@ -149,8 +150,8 @@ def step_config(config: ml_collections.ConfigDict) -> StepConfig:
       temperature=float(config.rollout.temperature), loss=loss_cfg,
       entropy_enabled=bool(ent.enabled), entropy_estimator=ent.estimator,
       entropy_lam=float(ent.lam),
-      h_min=tuple(float(ent.bounds[t][0]) for t in names),
-      h_max=tuple(float(ent.bounds[t][1]) for t in names),
+      h_min=tuple(float(config_utils.entropy_bounds(config, t)[0]) for t in names),
+      h_max=tuple(float(config_utils.entropy_bounds(config, t)[1]) for t in names),
       num_microbatches=int(config.batch.num_microbatches))
 
 
@@ -355,6 +356,22 @@ def task_grad_norms(params, batch: RLBatch, *, graphdef, cfg: StepConfig) -> Arr
                                          mask=batch.mask.any(axis=-1))
 
 
+def reference_logprobs(ref_params, prompt, tokens: Array, mask: Array, old_logprobs: Array, *,
+                       graphdef, temperature: float, estimator: str,
+                       log_ratio_clamp: float) -> tuple[Array, Array]:
+  """log π_ref of the sampled tokens, f32[N, T], and the rollout policy's KL to π_ref, f32[].
+
+  The KL is `estimator` (k1/k2/k3) between the rollout log-probs `old_logprobs: f32[N, T]` and
+  π_ref, token-mean over `mask: bool[N, T]`: 0 before the first update, since π_old = π_ref.
+  π_ref is taken at the loss's temperature so that the loss's KL is 0 at the same point.
+  """
+  ref = model_api.sequence_logprobs(graphdef, ref_params, prompt, tokens, mask,
+                                    temperature=temperature)
+  ref = jnp.where(mask, ref, 0.0)
+  kl = losses.kl_penalty(old_logprobs, ref, estimator, log_ratio_clamp)
+  return ref, losses.finish(losses.aggregate(kl, mask.astype(jnp.float32), "token_mean"))
+
+
 def sft_loss(params, graphdef, prompt, tokens, mask):
   """Mean negative log-likelihood of demonstration tokens (the warm start's objective)."""
   logp = model_api.sequence_logprobs(graphdef, params, prompt, tokens, mask)
@@ -440,53 +457,8 @@ def all_hosts(x: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------
 # Prompts.
 
-class PromptSampler:
-  """Deterministic, checkpointable draws of (task, train index) from the weighted task mixture.
-
-  The n-th draw of process p depends only on (seed, p, n), so `get_state()` is the draw count
-  and a restored sampler continues exactly. Each process draws its own disjoint stream (its
-  data shard). Examples are generated on demand by the task (and cached).
-  """
-
-  def __init__(self, tasks: Sequence, weights: Sequence[float], seed: int, train_size: int,
-               split: str = "train", process_index: int = 0, stream: str = "rl"):
-    self.tasks = list(tasks)
-    w = np.asarray(weights, np.float64)
-    self.probs = w / w.sum()
-    self.seed = seed
-    self.train_size = int(train_size)
-    self.split = split
-    self.process_index = process_index
-    self.stream = stream
-    self.position = 0
-    self._cache: dict = {}
-
-  def get_state(self) -> dict:
-    return {"position": int(self.position)}
-
-  def set_state(self, state: dict) -> None:
-    self.position = int(state["position"])
-
-  def _draw(self, n: int):
-    rng = np.random.default_rng([self.seed, self.process_index, n, len(self.stream), 7])
-    t = int(rng.choice(len(self.tasks), p=self.probs))
-    return t, int(rng.integers(self.train_size))
-
-  def example(self, t: int, index: int):
-    key = (t, index)
-    if key not in self._cache:
-      if len(self._cache) > 4096:
-        self._cache.clear()
-      self._cache[key] = self.tasks[t].example(self.split, index)
-    return self._cache[key]
-
-  def next(self, n: int) -> list:
-    out = []
-    for _ in range(n):
-      t, index = self._draw(self.position)
-      self.position += 1
-      out.append(self.example(t, index))
-    return out
+# The generated-task sampler lives with the other prompt streams; kept here under its old name.
+PromptSampler = data_sources.PromptSampler
 
 
 def _task_registry():
@@ -592,9 +564,12 @@ class Trainer:
     self.num_processes = jax.process_count()
     os.makedirs(self.workdir, exist_ok=True)
     self.mesh = make_mesh(config.mesh, devices)
-    self.task_names = tuple(config.tasks.names)
+    # Built-in tasks (evaluated, warm-started) then user JSONL components (RL only).
     self.tasks = get_tasks(config)
-    self.tasks_by_name = dict(zip(self.task_names, self.tasks))
+    self.user_components = data_sources.user_components(config)
+    user_tasks = [comp.task for comp in self.user_components]
+    self.task_names = config_utils.task_names(config)
+    self.tasks_by_name = dict(zip(self.task_names, self.tasks + user_tasks))
     self.task_index = {n: i for i, n in enumerate(self.task_names)}
     from g2rpo_jax.tasks import rewards as rewards_lib
     self.pool_ids = rewards_lib.POOL_IDS
@@ -633,7 +608,10 @@ class Trainer:
     self._init_params = params
 
     # Length-shaping thresholds per dense task id (SPEC §4).
-    th = np.asarray([config.shaping.length.thresholds[t] for t in self.task_names], np.float32)
+    length = config.shaping.length
+    th = np.asarray([length.thresholds[t] if t in length.thresholds else
+                     length.role_thresholds[self.tasks_by_name[t].role]
+                     for t in self.task_names], np.float32)
     self.length_thresholds = th.T  # [4, K]
 
     estimator_opts = {}
@@ -653,8 +631,19 @@ class Trainer:
     self.opt_key = (tuple(sorted(config.optimizer.to_dict().items())),)
 
     self.state_sharding = None  # set by init_state
-    self.sampler = PromptSampler(self.tasks, config.tasks.weights, config.seed,
-                                 config.tasks.train_size, process_index=jax.process_index())
+    if config.data.source == "tfds":
+      # One host prepares the datasets first; the others then find them (a shared data dir) or
+      # build their own identical copy (a host-local one).
+      if self.is_lead:
+        data_sources.prepare(config, self.workdir)
+      if self.num_processes > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("g2rpo_jax tfds datasets prepared")
+    self.sampler = data_sources.rl_stream(
+        config, self.workdir, self.local_prompts, process_index=jax.process_index(),
+        process_count=self.num_processes, components=self.user_components)
+    # The KL reference (frozen initial params), only when β > 0: see `set_reference`.
+    self.ref_params = None
     self.failures: dict[str, int] = {}
     self._jit_cache: dict = {}
 
@@ -715,6 +704,16 @@ class Trainer:
         out_shardings=(self.state_sharding, replicated(self.mesh)),
         donate_argnums=0)
 
+  def ref_logprobs_fn(self, batch: RLBatch):
+    rows = batch.old_logprobs.sharding
+    in_shardings = (self.param_sharding, *self._batch_shardings(
+        (batch.prompt, batch.tokens, batch.mask, batch.old_logprobs)))
+    return self._jit("ref_logprobs", lambda: functools.partial(
+        reference_logprobs, graphdef=self.graphdef, temperature=self.cfg.temperature,
+        estimator=self.cfg.loss.kl_estimator, log_ratio_clamp=self.cfg.loss.log_ratio_clamp),
+                     _hashable(in_shardings), in_shardings=in_shardings,
+                     out_shardings=(rows, replicated(self.mesh)))
+
   def grad_norms_fn(self):
     return self._jit("grad_norms", lambda: functools.partial(
         task_grad_norms, graphdef=self.graphdef, cfg=self.cfg),
@@ -741,6 +740,34 @@ class Trainer:
     pb = self.processor([e.prompt for e in examples], [e.image for e in examples])
     return pb
 
+  # -- initial params and the KL reference ---------------------------------------------------
+
+  def initial_params(self):
+    """The params RL starts from: `init_checkpoint`, else the warm start, else the init.
+
+    Deterministic and cached (the warm start's params are saved in <workdir>/warm_start), so a
+    resumed run re-derives the same params: that is how it restores the KL reference.
+    """
+    c = self.config
+    if c.init_checkpoint:
+      return self.load_init_checkpoint(c.init_checkpoint)
+    if c.warm_start.enabled:
+      return self.warm_start(self._init_params)
+    return self._init_params
+
+  def set_reference(self, params) -> None:
+    """Keeps a frozen copy of `params` (sharded like them) as π_ref iff loss.kl_coef > 0.
+
+    A copy, not the same buffers: the train state, which starts from these params, is donated
+    to every update. With β = 0 nothing is kept and no reference log-probs are computed.
+    """
+    if self.config.loss.kl_coef <= 0:
+      self.ref_params = None
+      return
+    copy = self._jit("copy_params", lambda: lambda p: jax.tree.map(jnp.copy, p),
+                     out_shardings=self.param_sharding)
+    self.ref_params = copy(params)
+
   # -- warm start ----------------------------------------------------------------------------
 
   def warm_start(self, params):
@@ -761,10 +788,10 @@ class Trainer:
     step = self._jit("sft_step", lambda: functools.partial(sft_step, graphdef=self.graphdef,
                                                            tx=tx), ws_key,
                      donate_argnums=(0, 1))
-    sampler = PromptSampler(self.tasks, self.config.tasks.weights, self.config.seed + 1,
-                            self.config.tasks.train_size, process_index=jax.process_index(),
-                            stream="warm_start")
     per_host = max(1, ws.batch_size // self.num_processes)
+    sampler = data_sources.warm_start_stream(
+        self.config, self.workdir, per_host, process_index=jax.process_index(),
+        process_count=self.num_processes)
     t_max = self.config.rollout.max_new_tokens
     t0 = time.perf_counter()
     loss = float("nan")
@@ -925,6 +952,14 @@ class Trainer:
                     old_logprobs=to_global(self.mesh, data["logprobs"].astype(np.float32)),
                     advantages=adv, task_ids=glob["task"])
     timing["advantage_s"] = time.perf_counter() - t0
+    rollout_kl = None
+    if self.ref_params is not None:
+      t0 = time.perf_counter()
+      ref, rollout_kl = self.ref_logprobs_fn(batch)(
+          self.ref_params, batch.prompt, batch.tokens, batch.mask, batch.old_logprobs)
+      batch = batch.replace(ref_logprobs=ref)
+      rollout_kl = float(rollout_kl)
+      timing["ref_logprob_s"] = time.perf_counter() - t0
 
     # Per-task statistics over every response sampled this step (all rounds, all hosts).
     cat = {k: all_hosts(np.concatenate(v)) for k, v in seen.items()}
@@ -950,6 +985,8 @@ class Trainer:
     m["reward/all"] = float(np.mean(cat["reward"]))
     m["accuracy/all"] = float(np.mean(cat["acc"]))
     m["sampling_rounds"] = rounds
+    if rollout_kl is not None:
+      m["kl/rollout"] = rollout_kl
     m["valid_groups_frac"] = float(all_hosts(np.asarray([num_real])).sum() / (p * self.num_processes))
     m["response_tokens"] = int(all_hosts(resp_mask.sum(keepdims=True)).sum())
     m["sampled_tokens"] = int(np.sum(cat["length"]))
@@ -1022,18 +1059,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if latest is not None:
     trainer.init_state(trainer._init_params)
     state, meta, latest = ckpt.restore(trainer.abstract_state())
+    # The KL reference is not checkpointed: it is re-derived (init checkpoint / cached warm
+    # start / seeded init), exactly the params this run started RL from.
+    if c.loss.kl_coef > 0:
+      trainer.set_reference(trainer.initial_params())
     trainer.sampler.set_state(meta["sampler"])
     trainer.failures = dict(meta.get("failures", {}))
     warm_scores = meta.get("warm_start_scores")
     logging.info("resumed from %s at step %d", ckpt.directory, latest)
   else:
     t0 = time.perf_counter()
-    if c.init_checkpoint:
-      params = trainer.load_init_checkpoint(c.init_checkpoint)
-    elif c.warm_start.enabled:
-      params = trainer.warm_start(trainer._init_params)
-    else:
-      params = trainer._init_params
+    params = trainer.initial_params()
+    trainer.set_reference(params)
     warm_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     warm_scores = trainer.evaluate(params)

@@ -92,13 +92,52 @@ def test_bad_value_types_are_errors():
     ("filtering.low=0.99", "low < high"),
     ("rollout.group_size=1", "at least 2"),
     ("tasks.weights=(1.0,)", "one weight per task"),
-    ("loss.kl_coef=0.01", "no reference model"),
+    ("loss.kl_coef=-0.01", "β >= 0"),
+    ("data.source=parquet", "data.source.*one of"),
+    ("data.user.paths=('/nonexistent/x.jsonl',)", "existing JSONL files"),
+    ("shaping.entropy.default_bounds=(0.7,0.6)", "H_min <= H_max"),
+    ("shaping.length.role_thresholds.hybrid=(4,3,8,16)", "L_min < L_low"),
 ])
 def test_validate_names_the_bad_value(override, match):
   c = config_utils.load_config("smoke")
   config_utils.apply_overrides(c, [override])
   with pytest.raises(config_utils.ConfigError, match=match):
     config_utils.validate(c)
+
+
+def test_kl_coef_above_zero_is_accepted():
+  # The trainer keeps a frozen reference model when β > 0 (tests/test_trainer_data.py).
+  c = config_utils.load_config("smoke")
+  config_utils.apply_overrides(c, ["loss.kl_coef=0.05", "loss.kl_estimator=k2"])
+  config_utils.validate(c)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["data.user.weights=(1.0, 2.0)"], r"data.user.weights.*one entry per data.user.paths \(1\)"),
+    (["data.user.reward_types=('dense',)"], "data.user.reward_types.*binary"),
+    (["data.user.roles=('vision',)"], "data.user.roles.*perception"),
+    (["data.user.weights=(-1.0,)"], "data.user.weights.*non-negative"),
+    (["data.user.names=('ocr',)"], r"names other than the built-in tasks.names \['ocr'\]"),
+    (["data.user.paths=('{path}', '{path}')"], "distinct task names"),
+])
+def test_user_data_config_errors_name_the_key(tmp_path, overrides, match):
+  path = tmp_path / "d.jsonl"
+  path.write_text("{}\n")  # only its existence is checked here
+  c = config_utils.load_config("smoke")
+  config_utils.apply_overrides(c, [f"data.user.paths=('{path}',)"] +
+                               [o.format(path=path) for o in overrides])
+  with pytest.raises(config_utils.ConfigError, match=match):
+    config_utils.validate(c)
+
+
+def test_user_task_names_default_to_file_stems():
+  c = config_utils.load_config("smoke")
+  with c.unlocked():
+    c.data.user.paths = ("/a/My Data-2.jsonl", "/b/other.jsonl")
+  assert config_utils.user_task_names(c) == ("my_data_2", "other")
+  assert config_utils.task_names(c) == tuple(c.tasks.names) + ("my_data_2", "other")
+  assert config_utils.entropy_bounds(c, "other") == tuple(c.shaping.entropy.default_bounds)
+  assert config_utils.entropy_bounds(c, "ocr") == tuple(c.shaping.entropy.bounds.ocr)
 
 
 def test_command_line_unknown_key_fails_with_valid_keys():
@@ -120,3 +159,7 @@ def test_validation_name_lists_match_the_library():
   assert tuple(config_utils._MODES) == tuple(advantages.MODES)
   assert tuple(config_utils._AGGREGATIONS) == tuple(losses.AGGREGATIONS)
   assert tuple(config_utils._KL) == tuple(losses.KL_ESTIMATORS)
+  from g2rpo_jax import data_sources, tasks
+  assert tuple(config_utils._SOURCES) == tuple(data_sources.SOURCES)
+  assert tuple(config_utils._REWARD_TYPES) == tuple(tasks.REWARD_TYPES)
+  assert tuple(config_utils._ROLES) == tuple(tasks.ROLES)

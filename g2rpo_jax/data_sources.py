@@ -1,0 +1,279 @@
+"""Where the trainer's prompts come from (`config.data`): generated tasks, TFDS, user JSONL files.
+
+The trainer asks a prompt stream for `next(n) -> list[Example]` and checkpoints its
+`get_state()` (plain JSON) so a resumed run reads exactly the prompts an uninterrupted one would.
+
+  config.data.source = "generate"  built-in tasks generated on the fly by `PromptSampler`
+                                   (the default; its draws are what every earlier run used)
+  config.data.source = "tfds"      built-in tasks read from the TFDS array_record datasets of
+                                   `tasks/data.py`, prepared on first use into
+                                   `config.tasks.data_dir` (default `<workdir>/data`), mixed by
+                                   `tasks/loader.MixtureLoader`
+  config.data.user.paths = (...)   user JSONL files (`tasks/user_data.JsonlDataset`), each one
+                                   more mixture component with its own weight, task name, reward
+                                   type and role; they go through `MixtureLoader` whichever
+                                   `source` is chosen (with "generate", the built-in tasks are then
+                                   `GeneratedSource`s: the same examples TFDS would store).
+
+Every record of one user file becomes an example of that file's task (`UserTask`): per-task
+metrics, length-shaping window and entropy band are per file; the reward comes from the file's
+reward type (or, when none is given, each record's problem type). User data is RL-only: a JSONL
+record has an answer but no demonstration, so the supervised warm start uses the built-in tasks
+only (`config_utils.validate` requires a built-in task with positive weight when the warm start
+runs).
+
+Per-host sharding: `MixtureLoader` draws the global batch and host p keeps its slots;
+`PromptSampler` draws an independent stream per process.
+
+Must not import jax or the trainer (process index and count are passed in).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from g2rpo_jax import config_utils
+from g2rpo_jax import tasks as tasks_lib
+from g2rpo_jax.tasks import parsing
+
+SOURCES = ("generate", "tfds")
+
+
+class PromptSampler:
+  """Deterministic, checkpointable draws of (task, train index) from the weighted task mixture.
+
+  The n-th draw of process p depends only on (seed, p, n), so `get_state()` is the draw count
+  and a restored sampler continues exactly. Each process draws its own disjoint stream (its
+  data shard). Examples are generated on demand by the task (and cached).
+  """
+
+  def __init__(self, tasks: Sequence, weights: Sequence[float], seed: int, train_size: int,
+               split: str = "train", process_index: int = 0, stream: str = "rl"):
+    self.tasks = list(tasks)
+    w = np.asarray(weights, np.float64)
+    self.probs = w / w.sum()
+    self.seed = seed
+    self.train_size = int(train_size)
+    self.split = split
+    self.process_index = process_index
+    self.stream = stream
+    self.position = 0
+    self._cache: dict = {}
+
+  def get_state(self) -> dict:
+    return {"position": int(self.position)}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    if "position" not in state:
+      raise ValueError(f"prompt sampler state {dict(state)!r} has no 'position': it was saved by "
+                       "a different data source (config.data.source changed?)")
+    self.position = int(state["position"])
+
+  def _draw(self, n: int):
+    rng = np.random.default_rng([self.seed, self.process_index, n, len(self.stream), 7])
+    t = int(rng.choice(len(self.tasks), p=self.probs))
+    return t, int(rng.integers(self.train_size))
+
+  def example(self, t: int, index: int):
+    key = (t, index)
+    if key not in self._cache:
+      if len(self._cache) > 4096:
+        self._cache.clear()
+      self._cache[key] = self.tasks[t].example(self.split, index)
+    return self._cache[key]
+
+  def next(self, n: int) -> list:
+    out = []
+    for _ in range(n):
+      t, index = self._draw(self.position)
+      self.position += 1
+      out.append(self.example(t, index))
+    return out
+
+
+class GeneratedSource(Sequence):
+  """A built-in task's split as a random-access sequence, generated on access.
+
+  Example i is `task.example(split, i)`: the record the TFDS builder stores at index i.
+  """
+
+  def __init__(self, task, split: str, size: int):
+    self._task, self._split, self._size = task, split, int(size)
+    self.task_names = (task.name,)
+
+  def __len__(self) -> int:
+    return self._size
+
+  def __getitem__(self, i):
+    if not 0 <= i < self._size:
+      raise IndexError(f"{self!r}: index {i} out of range")
+    return self._task.example(self._split, int(i))
+
+  def __repr__(self) -> str:
+    return f"GeneratedSource({self._task.name!r}, {self._split!r}, n={self._size})"
+
+
+# ------------------------------------------------------------------------------------------
+# User JSONL components.
+
+@dataclasses.dataclass(frozen=True)
+class UserSpec:
+  """One user JSONL file as a mixture component (from `config.data.user`)."""
+  name: str
+  path: str
+  weight: float
+  reward_type: str = ""  # "" = each record's problem type decides
+  role: str = ""  # "" = the first record's role (from its problem type)
+
+
+def user_specs(config) -> list[UserSpec]:
+  """`config.data.user` (parallel tuples; `config_utils.validate` checked them) -> specs."""
+  u = config.data.user
+  paths = tuple(u.paths)
+  names = config_utils.user_task_names(config)
+  weights = tuple(u.weights) or (1.0,) * len(paths)
+  rtypes = tuple(u.reward_types) or ("",) * len(paths)
+  roles = tuple(u.roles) or ("",) * len(paths)
+  return [UserSpec(n, p, float(w), r, ro)
+          for n, p, w, r, ro in zip(names, paths, weights, rtypes, roles)]
+
+
+class UserTask:
+  """The task of one user file: reward by reward type, format reward, no demonstration."""
+
+  def __init__(self, name: str, role: str, reward_type: str = ""):
+    self.name, self.role, self.reward_type = name, role, reward_type
+
+  def __repr__(self) -> str:
+    return f"UserTask({self.name!r}, role={self.role!r}, reward_type={self.reward_type!r})"
+
+  def reward(self, response, example) -> float:
+    return tasks_lib.reward(response, example)
+
+  @staticmethod
+  def format_reward(response) -> float:
+    return parsing.format_reward(response)
+
+  def demonstration(self, example) -> str:
+    raise ValueError(f"user task {self.name!r} (JSONL data) has no demonstrations: user data is "
+                     "RL-only, the warm start uses the built-in tasks")
+
+
+class UserComponent(Sequence):
+  """A `JsonlDataset` whose examples are relabelled as the component's task (and reward type)."""
+
+  def __init__(self, spec: UserSpec, image_size: int = tasks_lib.DEFAULT_IMAGE_SIZE):
+    from g2rpo_jax.tasks import user_data  # pylint: disable=import-outside-toplevel
+    self.spec = spec
+    self.dataset = user_data.JsonlDataset(spec.path, image_size=image_size, split="train")
+    first = self.dataset._records[0]  # pylint: disable=protected-access
+    self.role = spec.role or first["role"]
+    self.task = UserTask(spec.name, self.role, spec.reward_type)
+    self.task_names = (spec.name,)
+
+  def __len__(self) -> int:
+    return len(self.dataset)
+
+  def __getitem__(self, i):
+    ex = self.dataset[i]
+    return dataclasses.replace(ex, task=self.spec.name, role=self.role,
+                               reward_type=self.spec.reward_type or ex.reward_type)
+
+
+# ------------------------------------------------------------------------------------------
+# Streams.
+
+class LoaderStream:
+  """`MixtureLoader` behind the sampler interface (`next(n)`, `get_state`, `set_state`)."""
+
+  def __init__(self, loader):
+    self.loader = loader
+
+  def next(self, n: int) -> list:
+    if n != self.loader.batch_size:
+      raise ValueError(f"this prompt stream yields batches of {self.loader.batch_size} per host, "
+                       f"asked for {n}")
+    return next(self.loader)["examples"]
+
+  def get_state(self) -> dict:
+    return self.loader.get_state()
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    self.loader.set_state(state)
+
+
+def data_dir(config, workdir: str) -> str:
+  """Where the TFDS datasets are prepared: `config.tasks.data_dir` or `<workdir>/data`."""
+  return config.tasks.data_dir or os.path.join(os.path.abspath(workdir), "data")
+
+
+def _builtin_sources(config, workdir: str, names: Sequence[str]) -> dict[str, Sequence]:
+  if not names:
+    return {}
+  size = int(config.tasks.train_size)
+  if config.data.source == "generate":
+    return {n: GeneratedSource(tasks_lib.get_task(n), "train", size) for n in names}
+  from g2rpo_jax.tasks import data  # pylint: disable=import-outside-toplevel
+  cfg = data.make_config(names=list(names), weights=[1.0] * len(names),
+                         split_sizes={"train": size}, data_dir=data_dir(config, workdir))
+  return data.load_sources(cfg, "train")
+
+
+def prepare(config, workdir: str) -> None:
+  """Builds the TFDS datasets the config reads (no-op for generated tasks)."""
+  if config.data.source == "tfds":
+    names = [n for n, w in zip(config.tasks.names, config.tasks.weights) if w > 0]
+    _builtin_sources(config, workdir, names)
+
+
+def uses_loader(config) -> bool:
+  """True when prompts come from `MixtureLoader` (TFDS or user data), not `PromptSampler`."""
+  return config.data.source == "tfds" or bool(tuple(config.data.user.paths))
+
+
+def user_components(config) -> list[UserComponent]:
+  return [UserComponent(s) for s in user_specs(config)]
+
+
+def rl_stream(config, workdir: str, batch_size: int, *, process_index: int, process_count: int,
+              components: Sequence[UserComponent] = ()):
+  """The RL prompt stream: `batch_size` prompts per host per `next`."""
+  names = tuple(config.tasks.names)
+  weights = dict(zip(names, (float(w) for w in config.tasks.weights)))
+  if not uses_loader(config):
+    return PromptSampler([tasks_lib.get_task(n) for n in names], list(weights.values()),
+                         config.seed, config.tasks.train_size, process_index=process_index)
+  from g2rpo_jax.tasks import loader  # pylint: disable=import-outside-toplevel
+  sources = _builtin_sources(config, workdir, [n for n in names if weights[n] > 0])
+  mix_weights = {n: weights[n] for n in sources}
+  for comp in components:
+    if comp.spec.weight > 0:
+      sources[comp.spec.name] = comp
+      mix_weights[comp.spec.name] = comp.spec.weight
+  return LoaderStream(loader.MixtureLoader(sources, mix_weights, batch_size, config.seed,
+                                           process_index=process_index,
+                                           process_count=process_count))
+
+
+def warm_start_stream(config, workdir: str, batch_size: int, *, process_index: int,
+                      process_count: int):
+  """Prompts for the supervised warm start: built-in tasks only (they have demonstrations)."""
+  names = tuple(config.tasks.names)
+  weights = [float(w) for w in config.tasks.weights]
+  if sum(weights) <= 0:
+    raise ValueError("the warm start needs a built-in task with weight > 0 (config.tasks.weights "
+                     f"= {tuple(weights)}): user JSONL data has no demonstrations; set "
+                     "warm_start.enabled=False or init_checkpoint")
+  if config.data.source == "generate":
+    return PromptSampler([tasks_lib.get_task(n) for n in names], weights, config.seed + 1,
+                         config.tasks.train_size, process_index=process_index,
+                         stream="warm_start")
+  from g2rpo_jax.tasks import loader  # pylint: disable=import-outside-toplevel
+  sources = _builtin_sources(config, workdir, [n for n, w in zip(names, weights) if w > 0])
+  return LoaderStream(loader.MixtureLoader(
+      sources, {n: w for n, w in zip(names, weights) if n in sources}, batch_size,
+      config.seed + 1, process_index=process_index, process_count=process_count))
+
