@@ -57,10 +57,13 @@ def test_smoke_train_resume_eval(tmp_path):
   assert any(k.startswith("adv_var/") for k in last) and any(k.startswith("entropy/")
                                                               for k in last)
   assert math.isclose(last["lr"], smoke().optimizer.lr, rel_tol=1e-6)
+  # β = 0 (the default): no reference model, so no KL metrics and no reference log-prob stage.
+  assert not any("kl" in k and k != "loss/approx_kl" for k in last)
   perf = metrics.read_jsonl(os.path.join(wd, "perf.jsonl"))
   assert {"time/rollout_s", "time/update_s", "time/step_s", "time/update_mfu_vs_matmul",
           "time/sampled_tokens_per_s"} <= set(perf[-1])
   assert "time/eval_s" in perf[-1] and "time/warm_start_s" in perf[0]
+  assert "time/ref_logprob_s" not in perf[-1]
   for f in ("summary.txt", "summary.json", "eval_final.json", "eval_warm_start.json",
             "config.json"):
     assert os.path.exists(os.path.join(wd, f)), f
