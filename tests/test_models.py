@@ -272,3 +272,29 @@ def test_pure_functions_of_graphdef_and_params_under_jit_and_grad():
   assert gnorm > 0
   # The vision tower gets gradient through the scattered image embeddings.
   assert float(jnp.abs(grads["vision"]["patch_embed"].value).max()) > 0
+
+
+# -- compute layout (2-D matmuls) ------------------------------------------------------------
+
+
+def test_dense_and_attention_projections_equal_their_einsum_definitions():
+  from g2rpo_jax.models import tiny_vlm
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(3, 5, 8)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(3, 5, 6)), jnp.float32)
+  # Value and both gradients of the flattened matmul equal those of the [B, T, K] contraction.
+  ref = lambda x, w: jnp.sum(jnp.einsum("btk,kn->btn", x, w) * g)
+  got = lambda x, w: jnp.sum(tiny_vlm.dense(x, w) * g)
+  np.testing.assert_allclose(got(x, w), ref(x, w), rtol=1e-5)
+  for a, b in zip(jax.grad(got, (0, 1))(x, w), jax.grad(ref, (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+  attn = _model().layers[0].attn
+  xe = jnp.asarray(rng.normal(size=(2, 4, NANO.width)), jnp.float32)
+  q, k, v = attn.qkv(xe)
+  for got_, wname in ((q, "wq"), (k, "wk"), (v, "wv")):
+    want = jnp.einsum("bte,ehd->bthd", xe, getattr(attn, wname).value)
+    np.testing.assert_allclose(got_, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(attn.out(q), jnp.einsum("bthd,hde->bte", q, attn.wo.value),
+                             rtol=1e-5, atol=1e-5)
