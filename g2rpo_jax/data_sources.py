@@ -13,7 +13,8 @@ The trainer asks a prompt stream for `next(n) -> list[Example]` and checkpoints 
                                    more mixture component with its own weight, task name, reward
                                    type and role; they go through `MixtureLoader` whichever
                                    `source` is chosen (with "generate", the built-in tasks are then
-                                   `GeneratedSource`s: the same examples TFDS would store).
+                                   `GeneratedSource`s: the same examples TFDS stores, which
+                                   TFDS keeps in a shuffled order, so the draws differ).
 
 Every record of one user file becomes an example of that file's task (`UserTask`): per-task
 metrics, length-shaping window and entropy band are per file; the reward comes from the file's

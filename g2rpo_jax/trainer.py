@@ -3,12 +3,17 @@
 `train_and_evaluate(config, workdir)` is the whole job (big_vision style). Its device work is a
 few pure jitted functions of (state, arrays); the Python loop only orchestrates:
 
+  prompts    a prompt stream of `data_sources.py` (config.data: generated built-in tasks, TFDS,
+             user JSONL components), checkpointable and sharded per host
   rollout    `rollout.generate` (jitted, KV cache) on a prompt batch -> tokens, old log-probs
   rewards    on host: accuracy + format from the task, length reward per task (shaping.py);
              a reward function that raises or returns NaN gives 0 and is counted per task
   filtering  groups whose mean accuracy is <= low or >= high are dropped and the batch refilled
              by further sampling rounds (SPEC §3); still-missing groups are masked padding
   advantages `advantages.get_estimator(name)` over the batch, pool = reward type (SPEC §2)
+  reference  only when loss.kl_coef > 0: log π_ref of the sampled tokens (jitted, sharded like
+             the params) from a frozen copy of the params RL started from (warm start /
+             init_checkpoint); not checkpointed, re-derived on resume (`initial_params`)
   update     `train_step(state, batch) -> (state, metrics)`: several optimizer steps on
              mini-batches (lax.scan) against the rollout's old log-probs, with the per-task
              entropy band (SPEC §5); a non-finite loss or gradient skips that update and counts
@@ -16,10 +21,10 @@ few pure jitted functions of (state, arrays); the Python loop only orchestrates:
 
 State layout (one pytree, sharded by the mesh, donated to `train_step`): params (pure dict of the
 model's variables), optimizer state, step, RNG key data, non-finite counters. Host-side state
-(data iterator position, per-task reward-failure counters, warm-start scores) travels in the
+(data stream position, per-task reward-failure counters, warm-start scores) travels in the
 checkpoint's JSON item.
 
-Determinism: everything random derives from (config.seed, step), and the prompt sampler's
+Determinism: everything random derives from (config.seed, step), and the prompt stream's
 position is checkpointed, so a resumed run repeats an uninterrupted one exactly on CPU.
 
 This module is the top of the library's data flow: it imports the math modules, models, rollout
