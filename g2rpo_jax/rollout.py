@@ -13,8 +13,9 @@ temperature=sampling.temperature)` computes, so the trainer's old and new log-pr
 top-k / top-p the tokens come from the truncated distribution; the importance ratio of the
 trainer is then taken w.r.t. the untruncated one, as in the released code.)
 
-Randomness: row n at step t uses fold_in(fold_in(key, n), t), so a row's sample depends only on
-the key, its row index and its own logits: not on its batch neighbours, nor on the mesh.
+Randomness: row n at step t draws one uniform from fold_in(fold_in(key, n), t) (inverse-CDF
+sampling, see `_sample`), so a row's sample depends only on the key, its row index and its own
+logits: not on its batch neighbours, nor on the mesh.
 
 Must not import the trainer or tasks.
 """
@@ -103,16 +104,31 @@ def _filter_logits(z: Array, top_k: int, top_p: float) -> Array:
 
 
 def _sample(logits: Array, row_keys: Array, step, s: SamplingConfig):
-  """One token per row and its log-prob. logits: f32[N, V]; row_keys: [N] keys."""
+  """One token per row and its log-prob. logits: f32[N, V]; row_keys: [N] keys.
+
+  Sampling is by inverse CDF with ONE uniform per row: the first token whose cumulative
+  (unnormalised) probability exceeds u * total. Exact for softmax(filtered z) up to f32 rounding
+  of the cumulative sums, and much cheaper than Gumbel-max, which draws V random numbers per row
+  per step (measured: a quarter of the decode time at V = 2048).
+  """
   z = logits.astype(jnp.float32) / s.temperature
-  lse = jax.nn.logsumexp(z, axis=-1)
+  zmax = jnp.max(z, axis=-1, keepdims=True)
+  e = jnp.exp(z - zmax)
+  lse = zmax[:, 0] + jnp.log(jnp.sum(e, axis=-1))
   if s.greedy:
     tok = jnp.argmax(z, axis=-1)
   else:
-    zf = _filter_logits(z, s.top_k, s.top_p)
+    filtered = (s.top_k and s.top_k < z.shape[-1]) or s.top_p < 1.0
+    # The filters always keep the largest logit, so zmax stays the filtered maximum too.
+    ef = jnp.exp(_filter_logits(z, s.top_k, s.top_p) - zmax) if filtered else e
+    cdf = jnp.cumsum(ef, axis=-1)
+    total = cdf[:, -1]
     keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
-    g = jax.vmap(lambda k: jax.random.gumbel(k, z.shape[-1:], jnp.float32))(keys)
-    tok = jnp.argmax(zf + g, axis=-1)  # Gumbel-max: an exact sample of softmax(zf)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys) * total
+    # u < total strictly, so some cdf entry exceeds it and the count below is a valid index of a
+    # token with non-zero probability (a zero-probability token never raises the cdf past u).
+    u = jnp.minimum(u, jnp.nextafter(total, 0.0))
+    tok = jnp.sum(cdf <= u[:, None], axis=-1)
   tok = tok.astype(jnp.int32)
   lp = jnp.take_along_axis(z, tok[:, None], axis=-1)[:, 0] - lse
   return tok, lp

@@ -267,3 +267,28 @@ def test_bf16_model_rollout_types():
   assert out.tokens.shape == (4, 4) and out.tokens.dtype == jnp.int32
   assert out.logprobs.dtype == jnp.float32 and out.mask.dtype == jnp.bool_
   assert out.truncated.shape == (4,) and out.prompt_index.dtype == jnp.int32
+
+
+# Chi-square critical values at p = 0.001 by degrees of freedom (standard tables).
+_CHI2_CRIT_999 = {2: 13.82, 5: 20.52}
+
+
+@pytest.mark.parametrize("kw,expected", [
+    (dict(), np.array([0.5, 0.2, 0.0, 0.15, 0.1, 0.04, 0.01, 0.0])),
+    # top_k=3 keeps 0.5, 0.2, 0.15, renormalised.
+    (dict(top_k=3), np.array([0.5, 0.2, 0.0, 0.15, 0.0, 0.0, 0.0, 0.0]) / 0.85),
+])
+def test_sampled_frequencies_pass_a_chi_square_test(kw, expected):
+  """Many independent rows from one fixed distribution: the inverse-CDF sampler's frequencies
+  fit it (chi-square over the tokens of non-zero probability), and zero-probability tokens never
+  appear. An off-by-one in the CDF search shifts whole masses between neighbours and fails."""
+  table, (graphdef, params) = _bigram(expected, np.full(V, 1 / V))
+  s = R.SamplingConfig(max_new_tokens=1, eos_id=EOS, pad_id=PAD, **kw)
+  n = 20000
+  r = R.generate(graphdef, params, _prompts(1), jax.random.key(7), num_samples=n, sampling=s)
+  counts = np.bincount(np.asarray(r.tokens[:, 0]), minlength=V)
+  live = expected > 0
+  assert counts[~live].sum() == 0, counts
+  want = n * expected[live]
+  chi2 = float(((counts[live] - want) ** 2 / want).sum())
+  assert chi2 < _CHI2_CRIT_999[int(live.sum()) - 1], (chi2, counts, want)
