@@ -103,6 +103,20 @@ def _filter_logits(z: Array, top_k: int, top_p: float) -> Array:
   return z
 
 
+def _cumsum(x: Array, block: int = 32) -> Array:
+  """Inclusive cumulative sum over the last axis of f32[N, V] as two small matmuls with
+  triangular 0/1 matrices (within blocks of `block`, then across block totals). XLA:CPU lowers
+  `jnp.cumsum` to a reduce-window that cost ~6% of a decode step at V = 2048."""
+  n, v = x.shape
+  nb = -(-v // block)
+  xb = jnp.pad(x, ((0, 0), (0, nb * block - v))).reshape(n, nb, block)
+  upper = jnp.triu(jnp.ones((block, block), x.dtype))        # [j, i] = 1 when j <= i
+  within = jnp.einsum("nbj,ji->nbi", xb, upper)
+  strict = jnp.triu(jnp.ones((nb, nb), x.dtype), k=1)        # [c, b] = 1 when c < b
+  before = within[:, :, -1] @ strict                         # mass of all earlier blocks
+  return (within + before[:, :, None]).reshape(n, nb * block)[:, :v]
+
+
 def _sample(logits: Array, row_keys: Array, step, s: SamplingConfig):
   """One token per row and its log-prob. logits: f32[N, V]; row_keys: [N] keys.
 
@@ -121,7 +135,7 @@ def _sample(logits: Array, row_keys: Array, step, s: SamplingConfig):
     filtered = (s.top_k and s.top_k < z.shape[-1]) or s.top_p < 1.0
     # The filters always keep the largest logit, so zmax stays the filtered maximum too.
     ef = jnp.exp(_filter_logits(z, s.top_k, s.top_p) - zmax) if filtered else e
-    cdf = jnp.cumsum(ef, axis=-1)
+    cdf = _cumsum(ef)
     total = cdf[:, -1]
     keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
     u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys) * total

@@ -292,3 +292,11 @@ def test_sampled_frequencies_pass_a_chi_square_test(kw, expected):
   want = n * expected[live]
   chi2 = float(((counts[live] - want) ** 2 / want).sum())
   assert chi2 < _CHI2_CRIT_999[int(live.sum()) - 1], (chi2, counts, want)
+
+
+@pytest.mark.parametrize("v", [1, 8, 37, 2048])
+def test_blocked_cumsum_equals_numpy_cumsum(v):
+  x = np.random.default_rng(v).random((3, v)).astype(np.float32)
+  got = np.asarray(R._cumsum(jnp.asarray(x)))
+  assert got.shape == (3, v)
+  np.testing.assert_allclose(got, np.cumsum(x.astype(np.float64), axis=-1), rtol=1e-5)
