@@ -3,28 +3,19 @@ TFDS-prepared built-in tasks + a user JSONL component + β > 0 train, and a resu
 an uninterrupted one exactly (data position and KL reference restored); β = 0 keeps no
 reference."""
 import os
-import tempfile
 
 import jax
 import numpy as np
 
-from g2rpo_jax import config_utils, metrics, trainer as trainer_lib
+from g2rpo_jax import metrics, trainer as trainer_lib
 from tests.test_data_sources import write_jsonl
-
-jax.config.update("jax_compilation_cache_dir",
-                  os.path.join(tempfile.gettempdir(), "g2rpo_jax_test_xla_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-
-ONE = jax.devices()[:1]
+# The smoke config, one device and the shared persistent compile cache of the trainer tests.
+from tests.test_trainer import ONE, smoke
 
 
 def config(*overrides):
-  c = config_utils.load_config("smoke")
-  config_utils.apply_overrides(c, ["warm_start.steps=2", "train.num_steps=3",
-                                   "train.checkpoint_every=1", "tasks.eval_size=1",
-                                   "eval.batch_size=6", "train.grad_norm_every=2",
-                                   "train.plots=False", *overrides])
-  return c
+  return smoke("train.num_steps=3", "tasks.eval_size=1", "eval.batch_size=6",
+               "train.grad_norm_every=2", "train.plots=False", *overrides)
 
 
 def _records(wd):
