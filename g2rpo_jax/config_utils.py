@@ -197,6 +197,13 @@ def entropy_bounds(config: ConfigDict, task: str) -> tuple:
   return tuple(e.bounds[task]) if task in e.bounds else tuple(e.default_bounds)
 
 
+def length_window(config: ConfigDict, task: str, role: str) -> tuple:
+  """(L_min, L_low, L_high, L_max) of a task: its `shaping.length.thresholds` entry, else the
+  window of its role in `role_thresholds` (user data)."""
+  s = config.shaping.length
+  return tuple(s.thresholds[task]) if task in s.thresholds else tuple(s.role_thresholds[role])
+
+
 def _expect(cond: bool, key: str, what: str, value: Any) -> None:
   if not cond:
     raise ConfigError(f"config.{key} = {value!r}: expected {what}")

@@ -239,42 +239,47 @@ def user_components(config) -> list[UserComponent]:
   return [UserComponent(s) for s in user_specs(config)]
 
 
-def rl_stream(config, workdir: str, batch_size: int, *, process_index: int, process_count: int,
-              components: Sequence[UserComponent] = ()):
-  """The RL prompt stream: `batch_size` prompts per host per `next`."""
-  names = tuple(config.tasks.names)
-  weights = dict(zip(names, (float(w) for w in config.tasks.weights)))
-  if not uses_loader(config):
-    return PromptSampler([tasks_lib.get_task(n) for n in names], list(weights.values()),
-                         config.seed, config.tasks.train_size, process_index=process_index)
+def _mixture_stream(config, workdir: str, batch_size: int, seed: int, *, process_index: int,
+                    process_count: int, components: Sequence[UserComponent] = ()):
+  """The built-in tasks with weight > 0 (generated or TFDS) plus the user components with
+  weight > 0, mixed by `MixtureLoader`."""
   from g2rpo_jax.tasks import loader  # pylint: disable=import-outside-toplevel
-  sources = _builtin_sources(config, workdir, [n for n in names if weights[n] > 0])
+  weights = dict(zip(config.tasks.names, (float(w) for w in config.tasks.weights)))
+  sources = _builtin_sources(config, workdir, [n for n, w in weights.items() if w > 0])
   mix_weights = {n: weights[n] for n in sources}
   for comp in components:
     if comp.spec.weight > 0:
       sources[comp.spec.name] = comp
       mix_weights[comp.spec.name] = comp.spec.weight
-  return LoaderStream(loader.MixtureLoader(sources, mix_weights, batch_size, config.seed,
+  return LoaderStream(loader.MixtureLoader(sources, mix_weights, batch_size, seed,
                                            process_index=process_index,
                                            process_count=process_count))
+
+
+def _generated_stream(config, seed: int, process_index: int, stream: str) -> PromptSampler:
+  return PromptSampler([tasks_lib.get_task(n) for n in config.tasks.names],
+                       [float(w) for w in config.tasks.weights], seed, config.tasks.train_size,
+                       process_index=process_index, stream=stream)
+
+
+def rl_stream(config, workdir: str, batch_size: int, *, process_index: int, process_count: int,
+              components: Sequence[UserComponent] = ()):
+  """The RL prompt stream: `batch_size` prompts per host per `next`."""
+  if not uses_loader(config):
+    return _generated_stream(config, config.seed, process_index, "rl")
+  return _mixture_stream(config, workdir, batch_size, config.seed, process_index=process_index,
+                         process_count=process_count, components=components)
 
 
 def warm_start_stream(config, workdir: str, batch_size: int, *, process_index: int,
                       process_count: int):
   """Prompts for the supervised warm start: built-in tasks only (they have demonstrations)."""
-  names = tuple(config.tasks.names)
-  weights = [float(w) for w in config.tasks.weights]
+  weights = tuple(float(w) for w in config.tasks.weights)
   if sum(weights) <= 0:
     raise ValueError("the warm start needs a built-in task with weight > 0 (config.tasks.weights "
-                     f"= {tuple(weights)}): user JSONL data has no demonstrations; set "
+                     f"= {weights}): user JSONL data has no demonstrations; set "
                      "warm_start.enabled=False or init_checkpoint")
   if config.data.source == "generate":
-    return PromptSampler([tasks_lib.get_task(n) for n in names], weights, config.seed + 1,
-                         config.tasks.train_size, process_index=process_index,
-                         stream="warm_start")
-  from g2rpo_jax.tasks import loader  # pylint: disable=import-outside-toplevel
-  sources = _builtin_sources(config, workdir, [n for n, w in zip(names, weights) if w > 0])
-  return LoaderStream(loader.MixtureLoader(
-      sources, {n: w for n, w in zip(names, weights) if n in sources}, batch_size,
-      config.seed + 1, process_index=process_index, process_count=process_count))
-
+    return _generated_stream(config, config.seed + 1, process_index, "warm_start")
+  return _mixture_stream(config, workdir, batch_size, config.seed + 1,
+                         process_index=process_index, process_count=process_count)

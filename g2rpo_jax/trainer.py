@@ -144,6 +144,7 @@ class StepConfig:
 
 def step_config(config: ml_collections.ConfigDict) -> StepConfig:
   names = config_utils.task_names(config)
+  bounds = [config_utils.entropy_bounds(config, t) for t in names]
   ent = config.shaping.entropy
   loss_cfg = losses.PolicyLossConfig(
       eps_low=config.loss.eps_low, eps_high=config.loss.eps_high,
@@ -155,8 +156,7 @@ def step_config(config: ml_collections.ConfigDict) -> StepConfig:
       temperature=float(config.rollout.temperature), loss=loss_cfg,
       entropy_enabled=bool(ent.enabled), entropy_estimator=ent.estimator,
       entropy_lam=float(ent.lam),
-      h_min=tuple(float(config_utils.entropy_bounds(config, t)[0]) for t in names),
-      h_max=tuple(float(config_utils.entropy_bounds(config, t)[1]) for t in names),
+      h_min=tuple(float(lo) for lo, _ in bounds), h_max=tuple(float(hi) for _, hi in bounds),
       num_microbatches=int(config.batch.num_microbatches))
 
 
@@ -613,9 +613,7 @@ class Trainer:
     self._init_params = params
 
     # Length-shaping thresholds per dense task id (SPEC §4).
-    length = config.shaping.length
-    th = np.asarray([length.thresholds[t] if t in length.thresholds else
-                     length.role_thresholds[self.tasks_by_name[t].role]
+    th = np.asarray([config_utils.length_window(config, t, self.tasks_by_name[t].role)
                      for t in self.task_names], np.float32)
     self.length_thresholds = th.T  # [4, K]
 
