@@ -163,3 +163,17 @@ def test_validation_name_lists_match_the_library():
   assert tuple(config_utils._SOURCES) == tuple(data_sources.SOURCES)
   assert tuple(config_utils._REWARD_TYPES) == tuple(tasks.REWARD_TYPES)
   assert tuple(config_utils._ROLES) == tuple(tasks.ROLES)
+
+
+def test_user_tasks_fall_back_to_their_role_window_and_the_default_bounds():
+  c = config_utils.load_config("mix")
+  config_utils.apply_overrides(c, ["shaping.length.role_thresholds.reasoning=(2,5,9,13)",
+                                   "shaping.entropy.default_bounds=(0.1,0.9)",
+                                   "shaping.length.thresholds.counting=(1,2,3,4)",
+                                   "shaping.entropy.bounds.counting=(0.3,0.4)"])
+  # A task without its own entry (a user JSONL component) gets its role's window.
+  assert config_utils.length_window(c, "my_math", "reasoning") == (2, 5, 9, 13)
+  assert config_utils.entropy_bounds(c, "my_math") == (0.1, 0.9)
+  # A task with an entry keeps it, whatever role is passed.
+  assert config_utils.length_window(c, "counting", "reasoning") == (1, 2, 3, 4)
+  assert config_utils.entropy_bounds(c, "counting") == (0.3, 0.4)
