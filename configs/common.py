@@ -72,6 +72,9 @@ def base_config(tasks=ALL_TASKS) -> ml_collections.ConfigDict:
   c.data.user.weights = ()
   c.data.user.reward_types = ()  # "binary" / "iou" / "ocr" / "relative" or "" (per record)
   c.data.user.roles = ()  # "perception" / "reasoning" / "hybrid" or "" (from the problem type)
+  # Held-out JSONL files scored by evaluation beside the built-in tasks (up to tasks.eval_size
+  # records each), one per path or "" for none; () = user data is not evaluated.
+  c.data.user.eval_paths = ()
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.group_size = 8

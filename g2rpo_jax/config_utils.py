@@ -298,13 +298,16 @@ def _validate_user_data(c: ConfigDict) -> tuple[float, ...]:
   _expect(c.data.source in _SOURCES, "data.source", f"one of {_SOURCES}", c.data.source)
   u = c.data.user
   paths = tuple(u.paths)
-  for key in ("names", "weights", "reward_types", "roles"):
+  for key in ("names", "weights", "reward_types", "roles", "eval_paths"):
     v = tuple(u[key])
     _expect(not v or len(v) == len(paths), f"data.user.{key}",
             f"() or one entry per data.user.paths ({len(paths)})", v)
   for p in paths:
     _expect(isinstance(p, str) and os.path.isfile(p), "data.user.paths",
             "paths of existing JSONL files", p)
+  for p in u.eval_paths:
+    _expect(isinstance(p, str) and (not p or os.path.isfile(p)), "data.user.eval_paths",
+            "paths of existing JSONL files, or '' for a component without held-out data", p)
   weights = tuple(u.weights) or (1.0,) * len(paths)
   _expect(all(isinstance(w, (int, float)) and w >= 0 for w in weights), "data.user.weights",
           "non-negative numbers", weights)

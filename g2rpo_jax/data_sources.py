@@ -21,7 +21,8 @@ metrics, length-shaping window and entropy band are per file; the reward comes f
 reward type (or, when none is given, each record's problem type). User data is RL-only: a JSONL
 record has an answer but no demonstration, so the supervised warm start uses the built-in tasks
 only (`config_utils.validate` requires a built-in task with positive weight when the warm start
-runs).
+runs). A held-out file per component (`config.data.user.eval_paths`) is scored by evaluation
+beside the built-in tasks (`UserEvalTask`).
 
 Per-host sharding: `MixtureLoader` draws the global batch and host p keeps its slots;
 `PromptSampler` draws an independent stream per process.
@@ -182,6 +183,43 @@ class UserComponent(Sequence):
     ex = self.dataset[i]
     return dataclasses.replace(ex, task=self.spec.name, role=self.role,
                                reward_type=self.spec.reward_type or ex.reward_type)
+
+
+class UserEvalTask(UserTask):
+  """The held-out file of one user component (`data.user.eval_paths`), as evaluation sees a task:
+  `UserTask`'s rewards plus `example(split, i)` and `len` (the records to score at most).
+
+  Every record of the file is held out, so the 'validation' and 'test' splits both read it (the
+  user decides what the file holds); examples are relabelled like the component's training ones.
+  """
+
+  def __init__(self, spec: UserSpec, eval_path: str, role: str,
+               image_size: int = tasks_lib.DEFAULT_IMAGE_SIZE):
+    from g2rpo_jax.tasks import user_data  # pylint: disable=import-outside-toplevel
+    super().__init__(spec.name, role, spec.reward_type)
+    self.dataset = user_data.JsonlDataset(eval_path, image_size=image_size, split="validation")
+
+  def __repr__(self) -> str:
+    return f"UserEvalTask({self.name!r}, {self.dataset.path!r})"
+
+  def __len__(self) -> int:
+    return len(self.dataset)
+
+  def example(self, split: str, index: int):
+    if split == "train":
+      raise ValueError(f"user task {self.name!r}: its eval file {self.dataset.path!r} is held-out "
+                       "data; ask for split 'validation' or 'test'")
+    ex = self.dataset[index]
+    return dataclasses.replace(ex, task=self.name, role=self.role, split=split,
+                               reward_type=self.reward_type or ex.reward_type)
+
+
+def user_eval_tasks(config, components: Sequence[UserComponent]) -> list[UserEvalTask]:
+  """Evaluation tasks of the user components that name a held-out file in
+  `data.user.eval_paths` (parallel to `paths`; '' = that component is not evaluated)."""
+  eval_paths = tuple(config.data.user.eval_paths) or ("",) * len(components)
+  return [UserEvalTask(comp.spec, path, comp.role)
+          for comp, path in zip(components, eval_paths) if path]
 
 
 # ------------------------------------------------------------------------------------------

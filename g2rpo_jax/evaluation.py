@@ -30,13 +30,17 @@ def evaluate(respond: Callable[[list], list[str]], tasks: Sequence, *, split: st
   Args:
     respond: examples -> responses (same order and length).
     tasks: Task objects (`example`, `reward`, `format_reward`, `name`).
-    split: which held-out split; num_examples: first indices 0..num_examples-1 per task.
+    split: which held-out split; num_examples: first indices 0..num_examples-1 per task (or
+      the task's `len`, if it has one and it is smaller).
     batch_size: examples per `respond` call on this process.
     gather: combines per-process f64[K, 4] statistics (sum over processes); None on one host.
   """
   if split == "train":
     raise ValueError("evaluate: split 'train' is not held out; use 'validation' or 'test'")
-  all_items = [(t, i) for t in range(len(tasks)) for i in range(num_examples)]
+  # A task with a length (a user's held-out file) is scored on at most that many examples.
+  sizes = [min(num_examples, len(task)) if hasattr(task, "__len__") else num_examples
+           for task in tasks]
+  all_items = [(t, i) for t in range(len(tasks)) for i in range(sizes[t])]
   mine = all_items[process_index::process_count]
   # Every process makes the same number of respond() calls.
   per_proc = math.ceil(len(all_items) / process_count)
