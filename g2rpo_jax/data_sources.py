@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -220,6 +220,32 @@ def user_eval_tasks(config, components: Sequence[UserComponent]) -> list[UserEva
   eval_paths = tuple(config.data.user.eval_paths) or ("",) * len(components)
   return [UserEvalTask(comp.spec, path, comp.role)
           for comp, path in zip(components, eval_paths) if path]
+
+
+def check_user_prompts(datasets: Sequence, encode: Callable[[list, list], Any],
+                       chunk: int = 256) -> None:
+  """Encodes every record's prompt of the user files up front (with a blank image of the size
+  the dataset resizes to), so a prompt the policy's processor refuses (longer than
+  `model.max_prompt_len`, ...) fails before training, naming its file and line.
+
+  datasets: `tasks/user_data.JsonlDataset`s; encode: the processor, (prompts, images) -> batch.
+  """
+  from g2rpo_jax.tasks import user_data  # pylint: disable=import-outside-toplevel
+  for ds in datasets:
+    blank = np.zeros((ds.image_size, ds.image_size, 3), np.uint8)
+    records = ds.prompts()
+    for start in range(0, len(records), chunk):
+      part = records[start:start + chunk]
+      try:
+        encode([text for _, text in part], [blank] * len(part))
+      except ValueError:
+        for lineno, text in part:
+          try:
+            encode([text], [blank])
+          except ValueError as e:
+            raise user_data.UserDataError(f"{ds.path}, line {lineno}, field 'prompt': "
+                                          f"{e}") from None
+        raise
 
 
 # ------------------------------------------------------------------------------------------

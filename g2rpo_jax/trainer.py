@@ -569,9 +569,12 @@ class Trainer:
     self.num_processes = jax.process_count()
     os.makedirs(self.workdir, exist_ok=True)
     self.mesh = make_mesh(config.mesh, devices)
-    # Built-in tasks (evaluated, warm-started) then user JSONL components (RL only).
+    # Built-in tasks (evaluated, warm-started) then user JSONL components (RL; evaluated on
+    # their held-out files when `data.user.eval_paths` names them).
     self.tasks = get_tasks(config)
     self.user_components = data_sources.user_components(config)
+    self.user_eval_tasks = data_sources.user_eval_tasks(config, self.user_components)
+    self.eval_tasks = self.tasks + self.user_eval_tasks
     user_tasks = [comp.task for comp in self.user_components]
     self.task_names = config_utils.task_names(config)
     self.tasks_by_name = dict(zip(self.task_names, self.tasks + user_tasks))
@@ -591,6 +594,9 @@ class Trainer:
     mcfg = model_config(config)
     self.processor = model_api.build_processor(mcfg)
     self.tokenizer = self.processor.tokenizer
+    data_sources.check_user_prompts(
+        [comp.dataset for comp in self.user_components]
+        + [t.dataset for t in self.user_eval_tasks], self.processor)
     # Initialise inside one jitted program, directly in the sharded layout: eager nnx init
     # dispatches (and compiles) every initializer op separately, which costs minutes on a
     # loaded CPU, and a large model would not fit unsharded on one device.
@@ -740,8 +746,20 @@ class Trainer:
     return [self.tokenizer.decode(row.tolist()) for row in tokens]
 
   def encode_prompts(self, examples) -> Any:
-    pb = self.processor([e.prompt for e in examples], [e.image for e in examples])
-    return pb
+    try:
+      return self.processor([e.prompt for e in examples], [e.image for e in examples])
+    except ValueError:
+      # The processor names a batch row; find the example and say which it is (for user data,
+      # the file and line), so the bad record can be fixed and the run resumed.
+      for ex in examples:
+        try:
+          self.processor([ex.prompt], [ex.image])
+        except ValueError as e:
+          meta = ex.meta or {}
+          where = (f"{meta['file']}, line {meta['line']}" if "file" in meta
+                   else f"{ex.split} example {ex.index}")
+          raise ValueError(f"task {ex.task!r} ({where}): {e}") from None
+      raise
 
   # -- initial params and the KL reference ---------------------------------------------------
 
@@ -857,7 +875,8 @@ class Trainer:
       out = self.generate(params, pb, key, num_samples=1, temperature=c.eval.temperature)
       return self.decode(out["tokens"][:n])
 
-    return evaluation.evaluate(respond, self.tasks, split=split, num_examples=c.tasks.eval_size,
+    return evaluation.evaluate(respond, self.eval_tasks, split=split,
+                               num_examples=c.tasks.eval_size,
                                batch_size=bs, process_index=jax.process_index(),
                                process_count=self.num_processes,
                                gather=all_hosts if self.num_processes > 1 else None)

@@ -1,11 +1,16 @@
 """Two processes joined by `jax.distributed` on localhost run smoke RL steps and agree on the
-params (each process checks its own replica; the mesh's data axis spans both processes)."""
+params (each process checks its own replica; the mesh's data axis spans both processes), on
+generated prompts and on TFDS + a user JSONL file with its held-out file (each host reads its
+own slots of the mixture)."""
+import json
 import os
 import re
 import socket
 import subprocess
 import sys
 import tempfile
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,7 +21,17 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_agree_on_params(tmp_path):
+def _user_data(tmp_path):
+  from tests.test_data_sources import write_jsonl  # pylint: disable=import-outside-toplevel
+  train = write_jsonl(str(tmp_path / "user"), name="mine.jsonl", n=6)
+  held = write_jsonl(str(tmp_path / "user_eval"), name="mine_eval.jsonl", n=3)
+  return ["--config.data.source=tfds", f"--config.data.user.paths=('{train}',)",
+          "--config.data.user.weights=(2.0,)", f"--config.data.user.eval_paths=('{held}',)"]
+
+
+@pytest.mark.parametrize("data", ["generate", "tfds+user"])
+def test_two_processes_agree_on_params(tmp_path, data):
+  extra = _user_data(tmp_path) if data == "tfds+user" else []
   port = _free_port()
   env = dict(os.environ)
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
@@ -32,7 +47,7 @@ def test_two_processes_agree_on_params(tmp_path):
            f"--process_id={i}", "--config.warm_start.enabled=False",
            "--config.train.num_steps=2", "--config.tasks.eval_size=1",
            "--config.eval.batch_size=6", "--config.train.eval_every=2",
-           "--config.train.grad_norm_every=0"]
+           "--config.train.grad_norm_every=0", *extra]
     procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True))
   outs = []
@@ -50,5 +65,13 @@ def test_two_processes_agree_on_params(tmp_path):
   with open(wd / "metrics.jsonl") as f:
     steps = [int(re.search(r'"step": (\d+)', l).group(1)) for l in f]
   assert steps == [0, 1, 2]
+  if extra:
+    # Process 0 prepared the TFDS datasets once for both; the user file was drawn and its
+    # held-out file scored (each host scores its share; the gather combines them).
+    assert os.listdir(wd / "data" / "g2rpo_tasks")
+    with open(wd / "metrics.jsonl") as f:
+      records = [json.loads(l) for l in f]
+    assert any("reward/mine" in r for r in records)
+    assert "eval/mine" in records[-1]
   steps = sorted(d for d in os.listdir(wd / "checkpoints") if d.isdigit())
   assert steps == ["2"]  # checkpoint_every = 2 in smoke

@@ -2,12 +2,16 @@
 TFDS-prepared built-in tasks + a user JSONL component + β > 0 train, and a resumed run repeats
 an uninterrupted one exactly (data position and KL reference restored); β = 0 keeps no
 reference."""
+import dataclasses
+import json
 import os
 
 import jax
+import pytest
 import numpy as np
 
 from g2rpo_jax import metrics, trainer as trainer_lib
+from g2rpo_jax import tasks as tasks_lib
 from tests.test_data_sources import write_jsonl
 # The smoke config, one device and the shared persistent compile cache of the trainer tests.
 from tests.test_trainer import ONE, smoke
@@ -30,9 +34,11 @@ def _params(wd, step):
 
 def _overrides(tmp_path):
   path = write_jsonl(str(tmp_path / "user"), name="mine.jsonl", n=6)
+  held = write_jsonl(str(tmp_path / "user_eval"), name="mine_eval.jsonl", n=3)
   # One mini-batch per step: the step-1 update sees the policy before any change (KL = 0).
   # lr 1e-3 so that 2 updates move the nano policy measurably away from the reference.
   return ["data.source=tfds", f"data.user.paths=('{path}',)", "data.user.weights=(2.0,)",
+          f"data.user.eval_paths=('{held}',)",
           "loss.kl_coef=0.1", "batch.num_minibatches=1", "optimizer.lr=1e-3"]
 
 
@@ -46,6 +52,13 @@ def test_kl_tfds_and_user_data_train_and_resume_exactly(tmp_path):
   # The user file is a task of its own: drawn, scored and reported beside the built-in ones.
   assert any(not np.isnan(recs[k].get("reward/mine", np.nan)) for k in (1, 2, 3))
   assert "entropy/mine" in recs[3] or any("entropy/mine" in recs[k] for k in (1, 2))
+  # Its held-out file is scored with the built-in tasks (tasks.eval_size = 1 record each here),
+  # before and after RL, and is a row of the summary.
+  for name in ("eval_warm_start.json", "eval_final.json"):
+    with open(os.path.join(straight, name)) as f:
+      scores = json.load(f)
+    assert scores["mine"]["count"] == 1 and scores["counting"]["count"] == 1, name
+  assert "mine" in s["after_rl"] and "eval/mine" in recs[3]
   # KL to the frozen reference: 0 while the policy is the reference, then positive and growing.
   assert abs(recs[1]["loss/kl"]) < 1e-6 and abs(recs[1]["kl/rollout"]) < 1e-6
   assert recs[2]["kl/rollout"] > 1e-6
@@ -99,3 +112,21 @@ def test_reference_is_a_frozen_copy_and_absent_without_kl(tmp_path):
   batch, m, timing = tr0.collect(p0, 0, jax.random.key(0))
   assert batch.ref_logprobs is None and "ref_logprob_s" not in timing
   assert "kl/rollout" not in m
+
+
+def test_prompts_that_do_not_fit_fail_up_front_naming_file_line_or_example(tmp_path):
+  path = write_jsonl(str(tmp_path / "user"), name="mine.jsonl", n=4)
+  with open(path, "a") as f:
+    f.write(json.dumps({"image": "img0.png", "problem": "Why? " * 20, "answer": "1",
+                        "problem_type": "counting"}) + "\n")
+  c = config(f"data.user.paths=('{path}',)", "warm_start.enabled=False")
+  # Found while the trainer is built, before any step: the file and the 1-based line.
+  with pytest.raises(ValueError, match=r"mine.jsonl, line 5, field 'prompt': prompt 0 is \d+ "
+                                       r"tokens .* longer than max_prompt_len"):
+    trainer_lib.Trainer(c, str(tmp_path / "wd"), ONE)
+  # A built-in example that does not fit names its task, split and index, not a batch row.
+  tr = trainer_lib.Trainer(config("warm_start.enabled=False"), str(tmp_path / "wd2"), ONE)
+  ok = tasks_lib.get_task("counting").example("train", 0)
+  long = dataclasses.replace(tasks_lib.get_task("ocr").example("train", 3), prompt="x" * 200)
+  with pytest.raises(ValueError, match=r"task 'ocr' \(train example 3\): prompt 0 is"):
+    tr.encode_prompts([ok, long])

@@ -190,6 +190,10 @@ class JsonlDataset(Sequence):
   def __len__(self) -> int:
     return len(self._records)
 
+  def prompts(self) -> list[tuple[int, str]]:
+    """(line number, prompt text) of every record, without reading the images."""
+    return [(r["lineno"], r["prompt"]) for r in self._records]
+
   def __getitem__(self, i):
     if isinstance(i, slice):
       return [self[j] for j in range(*i.indices(len(self)))]
