@@ -298,3 +298,82 @@ def test_dense_and_attention_projections_equal_their_einsum_definitions():
     np.testing.assert_allclose(got_, want, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(attn.out(q), jnp.einsum("bthd,hde->bte", q, attn.wo.value),
                              rtol=1e-5, atol=1e-5)
+
+
+# The definitions the compute layouts must equal: grouped-query attention as one einsum over
+# [B, T, Hkv, G, D] x [B, S, Hkv, D] (query head h -> KV head h // G), and half-split RoPE.
+def _attend_definition(q, k, v, mask):
+  b, t, h, d = q.shape
+  hkv = k.shape[2]
+  qg = q.reshape(b, t, hkv, h // hkv, d)
+  s = jnp.einsum("btkgd,bskd->bkgts", qg, k) / np.sqrt(d)
+  s = jnp.where(mask[:, None, None], s, -1e30)
+  o = jnp.einsum("bkgts,bskd->btkgd", jax.nn.softmax(s, axis=-1), v)
+  return o.reshape(b, t, h, d)
+
+
+def _rope_definition(x, pos, theta):
+  d = x.shape[-1]
+  freqs = theta ** (-np.arange(0, d // 2) * 2.0 / d)
+  ang = np.asarray(pos, np.float64)[..., None] * freqs
+  cos, sin = np.cos(ang)[:, :, None], np.sin(ang)[:, :, None]
+  x1, x2 = x[..., :d // 2], x[..., d // 2:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
+@jax.jit
+def _attend_both_ways(q, k, v, mask, cot):
+  """(layout, definition) pairs: outputs, gradients w.r.t. q/k/v, mask=None, one decode query."""
+  from g2rpo_jax.models import tiny_vlm
+  to_cache = lambda x: jnp.swapaxes(x, 1, 2)  # attend takes K/V as [B, Hkv, S, D]
+  got = lambda q, k, v: jnp.sum(tiny_vlm.attend(q, to_cache(k), to_cache(v), mask) * cot)
+  want = lambda q, k, v: jnp.sum(_attend_definition(q, k, v, mask) * cot)
+  full = jnp.ones(mask.shape, bool)
+  return dict(
+      out=(tiny_vlm.attend(q, to_cache(k), to_cache(v), mask), _attend_definition(q, k, v, mask)),
+      grads=(jax.grad(got, (0, 1, 2))(q, k, v), jax.grad(want, (0, 1, 2))(q, k, v)),
+      # mask=None is full attention (the ViT).
+      no_mask=(tiny_vlm.attend(q, to_cache(k), to_cache(v), None),
+               _attend_definition(q, k, v, full)),
+      # Decode: one query against the whole cache is the last row of the full pass.
+      decode=(tiny_vlm.attend(q[:, -1:], to_cache(k), to_cache(v), mask[:, -1:]),
+              _attend_definition(q, k, v, mask)[:, -1:]))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 2), (4, 1), (2, 2)])
+def test_attend_values_and_gradients_equal_the_grouped_einsum(heads, kv_heads):
+  rng = np.random.default_rng(heads * 10 + kv_heads)
+  b, t, d = 3, 7, 8
+  q = jnp.asarray(rng.normal(size=(b, t, heads, d)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(b, t, kv_heads, d)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(b, t, kv_heads, d)), jnp.float32)
+  # Causal, left padding of 0 / 2 / 5 positions: padded queries see no key at all.
+  valid = np.arange(t)[None] >= np.array([0, 2, 5])[:, None]
+  mask = jnp.asarray(np.tril(np.ones((t, t), bool))[None] & valid[:, None, :])
+  cot = jnp.asarray(rng.normal(size=(b, t, heads, d)), jnp.float32)
+  res = _attend_both_ways(q, k, v, mask, cot)
+  for name in ("out", "no_mask", "decode"):
+    np.testing.assert_allclose(*res[name], rtol=1e-5, atol=1e-5, err_msg=name)
+  for g, w, name in zip(*res["grads"], "qkv"):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"d/d{name}")
+
+
+def test_rope_equals_the_half_split_definition_with_its_gradient():
+  from g2rpo_jax.models import tiny_vlm
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 5, 3, 8)), jnp.float32)
+  pos = jnp.asarray([[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]], jnp.int32)  # second row left-padded
+  cot = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+  @jax.jit
+  def both(x):
+    tables = tiny_vlm.rope_tables(pos, 8, 100.0)
+    got = lambda x: jnp.sum(tiny_vlm.rope(x, tables) * cot)
+    want = lambda x: jnp.sum(_rope_definition(x, pos, 100.0) * cot)
+    return (tiny_vlm.rope(x, tables), _rope_definition(x, pos, 100.0),
+            jax.grad(got)(x), jax.grad(want)(x))
+
+  y, y_def, g, g_def = both(x)
+  np.testing.assert_allclose(y, y_def, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(g, g_def, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(y[:, 0], x[:, 0], atol=1e-6)  # position 0 is the identity
