@@ -184,6 +184,69 @@ def transformer_train_flops(num_params: int, num_tokens: int) -> float:
   return 6.0 * num_params * num_tokens
 
 
+_TINY_VLM_KEYS = ("width", "mlp_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                  "vocab_size", "vision", "image_size", "patch_size", "vit_width", "vit_mlp_dim",
+                  "vit_layers")
+
+
+def tiny_vlm_train_flops(config, *, rows: int, seq: int, logit_positions: int,
+                         images: int) -> dict[str, float]:
+  """Model FLOPs of one forward + backward pass of tiny_vlm (the standard MFU numerator).
+
+  The MFU definition of PaLM (Chowdhery et al. 2022, appendix B): every weight matmul costs
+  6 FLOPs per weight per token (2 forward, 4 backward: input and weight gradients), and
+  attention adds 12·L·H·D·T per token (scores and values, forward + backward, over the FULL
+  T×T square: causal masking is not halved). For tiny_vlm, with E = width, F = mlp_dim,
+  L layers, H / Hkv query / KV heads of size D, vocabulary V:
+
+    decoder  = 6 · L·(E·H·D + 2·E·Hkv·D + H·D·E + 3·E·F) · rows·seq   (q, k, v, o; gated MLP)
+    attention = 12 · L·H·D · seq · rows·seq
+    head     = 6 · E·V · logit_positions     (the trainer's logits cover the response only)
+    vision   = images · n · [4·3p²·Wv + Lv·(6·(4·Wv² + 3·Wv·Fv) + 12·Wv·n) + 6·(Wv·E + E·E)]
+
+  where the vision tower sees n = (image_size / p)² patches of p = patch_size pixels with width
+  Wv = vit_width, Lv = vit_layers blocks of MLP size Fv = vit_mlp_dim (full attention over the
+  n patches), then projects to E through two matmuls. The patch embedding costs 4 per weight,
+  not 6: pixels need no gradient. Not counted (as in the definition): embedding lookups, norms,
+  RoPE, softmax, activations, the loss and the optimizer.
+
+  Args:
+    config: a tiny_vlm config: `TinyVLMConfig` or a mapping with its fields (the trainer's
+      `model_config(config)`).
+    rows: sequences in the pass; seq: positions per sequence (prompt + response, padding
+      included: the model computes them); logit_positions: positions that go through the output
+      head (rows × response length in the trainer's log-prob pass); images: images the vision
+      tower encodes (one per row in the trainer: rows of a group each encode their copy).
+
+  Returns:
+    {"decoder", "attention", "head", "vision", "total"} in FLOPs.
+  """
+  get = (config.get if isinstance(config, Mapping) else
+         lambda k, default=None: getattr(config, k, default))
+  missing = [k for k in _TINY_VLM_KEYS if get(k) is None]
+  if missing:
+    raise ValueError(f"tiny_vlm_train_flops: config lacks {missing}; expected a tiny_vlm config "
+                     f"with fields {list(_TINY_VLM_KEYS)}")
+  e, f, l = get("width"), get("mlp_dim"), get("num_layers")
+  h, hkv, d = get("num_heads"), get("num_kv_heads"), get("head_dim")
+  tokens = rows * seq
+  out = {
+      "decoder": 6.0 * l * (e * h * d + 2 * e * hkv * d + h * d * e + 3 * e * f) * tokens,
+      "attention": 12.0 * l * h * d * seq * tokens,
+      "head": 6.0 * e * get("vocab_size") * logit_positions,
+      "vision": 0.0,
+  }
+  if get("vision"):
+    p, wv, fv = get("patch_size"), get("vit_width"), get("vit_mlp_dim")
+    n = (get("image_size") // p) ** 2
+    per_patch = (4 * 3 * p * p * wv
+                 + get("vit_layers") * (6 * (4 * wv * wv + 3 * wv * fv) + 12 * wv * n)
+                 + 6 * (wv * e + e * e))
+    out["vision"] = float(images * n * per_patch)
+  out["total"] = sum(out.values())
+  return out
+
+
 def mfu(flops: float, seconds: float, peak_flops_per_s: float) -> float:
   if seconds <= 0 or peak_flops_per_s <= 0:
     return float("nan")

@@ -611,7 +611,8 @@ class Trainer:
     params = cached_jit(("init_params", self.graphdef, config.seed, self.mesh),
                         lambda: init_params, out_shardings=self.param_sharding)()
     self.num_params = int(sum(x.size for x in jax.tree.leaves(params)))
-    # Parameters that multiply every decoder token (the vision tower only sees image patches).
+    # Non-vision parameters: the N of the older 6·N·T update FLOP count (`update_mfu_6nt`). The
+    # MFU counts model FLOPs with `metrics.tiny_vlm_train_flops` (attention and vision included).
     self.num_matmul_params = int(sum(x.size for k, v in params.items() if k != "vision"
                                      for x in jax.tree.leaves(v)))
     self.tx, self.schedule = make_optimizer(config)
@@ -1153,11 +1154,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       timing["step_s"] = time.perf_counter() - t_step
       if peak is None:
         peak = _matmul_peak()
-      # The update runs forward + backward over every row's full (prompt + response) sequence.
-      n_rows, seq = batch.tokens.shape[0], batch.tokens.shape[1] + batch.prompt.tokens.shape[1]
-      flops = metrics_lib.transformer_train_flops(trainer.num_matmul_params, n_rows * seq)
+      # The update runs forward + backward over every row's full (prompt + response) sequence,
+      # the output head over the response positions, the vision tower over each row's image.
+      n_rows, resp = batch.tokens.shape
+      seq = resp + batch.prompt.tokens.shape[1]
+      flops_6nt = metrics_lib.transformer_train_flops(trainer.num_matmul_params, n_rows * seq)
+      flops = flops_6nt  # models without a FLOP formula in metrics (qwen25vl): the 6·N·T count
+      if c.model.name == "tiny_vlm":
+        flops = metrics_lib.tiny_vlm_train_flops(
+            model_config(c), rows=n_rows, seq=seq, logit_positions=n_rows * resp,
+            images=n_rows)["total"]
       timing["sampled_tokens_per_s"] = m["sampled_tokens"] / max(timing["step_s"], 1e-9)
       timing["update_mfu_vs_matmul"] = metrics_lib.mfu(flops, timing["update_s"], peak)
+      timing["update_mfu_6nt"] = metrics_lib.mfu(flops_6nt, timing["update_s"], peak)
       writer.write_perf(done, {f"time/{k}": v for k, v in timing.items()})
       bar.update(1, reward=m.get("reward/all", float("nan")), acc=m.get("accuracy/all"),
                  loss=m.get("loss/total", float("nan")))

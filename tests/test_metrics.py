@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from g2rpo_jax import metrics
 
@@ -60,6 +61,51 @@ def test_summary_table_points_and_mean():
 def test_mfu_and_flops():
   assert metrics.transformer_train_flops(10, 3) == 180.0
   assert metrics.mfu(100.0, 2.0, 100.0) == 0.5
+
+
+# A tiny_vlm small enough to count by hand: E=4, F=6, L=1, H=2, Hkv=1, D=2, V=5; vision tower
+# Wv=2, Fv=3, Lv=1 on 4x4 images in 2x2 patches (n = 4 patches of 3·2·2 = 12 values).
+_TINY = dict(width=4, mlp_dim=6, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=2,
+             vocab_size=5, vision=True, image_size=4, patch_size=2, vit_width=2, vit_mlp_dim=3,
+             vit_layers=1, vit_heads=1, max_prompt_len=8)
+
+
+def test_tiny_vlm_train_flops_by_hand():
+  out = metrics.tiny_vlm_train_flops(_TINY, rows=2, seq=3, logit_positions=2, images=2)
+  # decoder: weights per layer q 4·2·2=16, k 4·1·2=8, v 8, o 16, MLP 3·4·6=72 -> 120;
+  #          6 · 120 · (2 rows · 3 positions) = 4320
+  assert out["decoder"] == 4320
+  # attention: 12 · L=1 · H·D=4 · seq=3 = 144 per token, · 6 tokens = 864
+  assert out["attention"] == 864
+  # head: 6 · E·V=20 · 2 logit positions = 240
+  assert out["head"] == 240
+  # vision, per patch: patch embedding 4 · 12·2 = 96; block 6 · (4·2·2 + 3·2·3 = 34) = 204;
+  #   its attention 12 · Wv=2 · n=4 = 96; projections 6 · (2·4 + 4·4 = 24) = 144 -> 540;
+  #   · 4 patches · 2 images = 4320
+  assert out["vision"] == 4320
+  assert out["total"] == 4320 + 864 + 240 + 4320
+  # Attention grows with seq², the rest linearly; no vision tower, no vision term.
+  longer = metrics.tiny_vlm_train_flops(_TINY, rows=2, seq=6, logit_positions=2, images=2)
+  assert longer["attention"] == 4 * 864 and longer["decoder"] == 2 * 4320
+  text_only = metrics.tiny_vlm_train_flops({**_TINY, "vision": False}, rows=2, seq=3,
+                                           logit_positions=2, images=2)
+  assert text_only["vision"] == 0 and text_only["total"] == 4320 + 864 + 240
+
+
+def test_tiny_vlm_train_flops_reads_the_model_config_and_names_missing_fields():
+  import dataclasses
+  from g2rpo_jax.models import tiny_vlm
+  cfg = tiny_vlm.tiny_vlm_config("nano")
+  from_dataclass = metrics.tiny_vlm_train_flops(cfg, rows=3, seq=40, logit_positions=24,
+                                                images=3)
+  assert from_dataclass == metrics.tiny_vlm_train_flops(dataclasses.asdict(cfg), rows=3, seq=40,
+                                                        logit_positions=24, images=3)
+  # nano: E=64, F=128, L=2, H=4, Hkv=2, D=16: q 4096 + k 2048 + v 2048 + o 4096 + MLP 24576
+  # = 36864 weights per layer, 73728 in all
+  assert from_dataclass["decoder"] == 6 * 73728 * 3 * 40
+  with pytest.raises(ValueError, match=r"lacks \['mlp_dim'\]"):
+    metrics.tiny_vlm_train_flops({k: v for k, v in _TINY.items() if k != "mlp_dim"}, rows=1,
+                                 seq=1, logit_positions=1, images=1)
 
 
 def test_plots_one_png_per_task(tmp_path):

@@ -3,9 +3,18 @@
 Fields: `rollout_s` (one sampling round: prefill + decode of prompts × G), `logprob_s` (one
 teacher-forced log-prob pass over the rollout batch: what recomputing old or reference log-probs
 costs), `update_s` (the jitted `train_step`: all mini-batch forward + backward + AdamW steps),
-`step_s` (a whole `collect` + update, host work included), and `update_mfu_vs_matmul`: the
-update's model FLOPs (6 · matmul params · rows · (prompt + response) positions) per second over
-the jitted f32 matmul throughput measured in the same run. Medians of `--repeats` (default 3).
+`step_s` (a whole `collect` + update, host work included).
+
+MFU: `model_gflop` is the update's model FLOPs by the standard definition
+(`metrics.tiny_vlm_train_flops`: 6 per weight per token for the decoder's matmuls, 12·L·H·D·T
+per token for attention scores and values over the full T², the output head over the response
+positions, the vision tower over every row's image patches), summed over the mini-batches;
+`gflop_6nt` is the older 6 · (non-vision params) · rows · (prompt + response) count. A jitted
+2048² f32 matmul is probed right before every timed update (the machine is shared and its load
+drifts within a run): `update_mfu_vs_matmul` is the median over updates of
+model FLOP/s / that update's probe, `update_mfu_6nt` the same with the 6·N·T count,
+`matmul_gflops` the median probe and `matmul_gflops_spread` = max / min probe. Medians of
+`--repeats` (default 3).
 """
 from __future__ import annotations
 
@@ -20,6 +29,7 @@ HELP = "stage times of one RL step of configs/mix.py and the update's MFU vs mat
 def run(args):
   import jax
   from experiments.benches import _timing
+  from experiments.benches.rl_step import MatmulProbe
   from g2rpo_jax import config_utils, metrics, trainer as trainer_lib
   from g2rpo_jax.models import interface as model_api
 
@@ -45,16 +55,28 @@ def run(args):
     logprob_s = _timing.median_time(lambda: logprob(state.params, batch), repeats=repeats,
                                     warmup=1)
 
+    probe = MatmulProbe()
+    rows = batch.tokens.shape[0]
+    resp = batch.tokens.shape[1]
+    seq = resp + batch.prompt.tokens.shape[1]
+    flops = metrics.tiny_vlm_train_flops(
+        trainer_lib.model_config(config), rows=rows, seq=seq, logit_positions=rows * resp,
+        images=rows)
+    flops_6nt = metrics.transformer_train_flops(tr.num_matmul_params, rows * seq)
+
     step = tr.train_step_fn(batch)
     state, _ = step(state, batch)  # compile
     jax.block_until_ready(state)
-    update_times = []
+    update_times, probes = [], []
     for _ in range(repeats):
+      probes.append(probe())
       t0 = time.perf_counter()
       state, m = step(state, batch)
       jax.block_until_ready((state, m))
       update_times.append(time.perf_counter() - t0)
     update_s = statistics.median(update_times)
+    paired = lambda f: statistics.median(
+        f / t / (g * 1e9) for t, g in zip(update_times, probes))
 
     t0 = time.perf_counter()
     b2, _, _ = tr.collect(state.params, 1, key)
@@ -62,10 +84,6 @@ def run(args):
     jax.block_until_ready(state)
     step_s = time.perf_counter() - t0
 
-    gflops = _timing.matmul_gflops(repeats=repeats * 3)
-    rows = batch.tokens.shape[0]
-    seq = batch.tokens.shape[1] + batch.prompt.tokens.shape[1]
-    flops = metrics.transformer_train_flops(tr.num_matmul_params, rows * seq)
     yield {
         "model": f"{config.model.name}/{config.model.size}",
         "params": tr.num_params,
@@ -75,7 +93,13 @@ def run(args):
         "logprob_s": logprob_s,
         "update_s": update_s,
         "step_s": step_s,
-        "matmul_gflops": gflops,
-        "update_gflops": flops / update_s / 1e9,
-        "update_mfu_vs_matmul": flops / update_s / (gflops * 1e9),
+        "matmul_gflops": statistics.median(probes),
+        "matmul_gflops_spread": max(probes) / min(probes),
+        "model_gflop": flops["total"] / 1e9,
+        "attention_gflop": flops["attention"] / 1e9,
+        "vision_gflop": flops["vision"] / 1e9,
+        "gflop_6nt": flops_6nt / 1e9,
+        "update_gflops": flops["total"] / update_s / 1e9,
+        "update_mfu_vs_matmul": paired(flops["total"]),
+        "update_mfu_6nt": paired(flops_6nt),
     }

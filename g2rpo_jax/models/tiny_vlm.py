@@ -199,7 +199,9 @@ def attend(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
   [G·T, D] x [D, S] and [G·T, S] x [S, D], with K and V neither broadcast nor transposed. In
   the [B, T, Hkv, G, D] x [B, S, Hkv, D] einsum layout XLA:CPU copied the f32[B, Hkv, G, T, S]
   scores and their gradients to transposed layouts (measured: the largest non-matmul cost of
-  the update). Decode is the T = 1 case. The 1/sqrt(D) scale goes on q, the smaller operand.
+  the update). Decode is the T = 1 case against the cache, which is kept in this layout because
+  in [B, S, Hkv, D] XLA:CPU transposed the whole cache every step. The 1/sqrt(D) scale goes on
+  q, the smaller operand.
   """
   b, t, h, d = q.shape
   hkv, s_len = k.shape[1], k.shape[2]
