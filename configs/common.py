@@ -47,7 +47,20 @@ def base_config(tasks=ALL_TASKS) -> ml_collections.ConfigDict:
   # model stays at chance on counting after 300 counting-only warm-start steps (24%), with 4-px
   # patches it reaches 46% after 200 (the objects are ~6 px, so 8-px patches split them).
   c.model.patch_size = 4
-  c.model.max_prompt_len = 120  # longest task prompt: 49 chars + BOS + 64 image tokens
+  # The image enters through cross-attention ("tokens" puts 64 patch tokens in the prompt
+  # instead), with a 8-wide causal conv over the token embeddings, per-image pixel
+  # normalisation and a patch position embedding in the text width. With "tokens" fusion the
+  # small model locates the objects a spatial question names but keeps mixing up which is
+  # which: spatial-only supervised training plateaus near 50% (2750 steps); with these four
+  # it reaches 96% in 300 steps, and the six-task warm start's held-out mean rises from 16 to
+  # 23 points at 150 steps. See g2rpo_jax/models/tiny_vlm.py.
+  c.model.fusion = "cross"
+  c.model.token_conv = 8
+  c.model.pixel_norm = "per_image"
+  c.model.image_pos_std = 1.0
+  # Longest built-in prompt: 49 characters + BOS (no image tokens with "cross" fusion); set
+  # ≥ num_image_tokens + that with --config.model.fusion=tokens (64 + 50 for 4-px patches).
+  c.model.max_prompt_len = 56
   c.model.param_dtype = "float32"
   c.model.dtype = "float32"
 
@@ -55,7 +68,11 @@ def base_config(tasks=ALL_TASKS) -> ml_collections.ConfigDict:
   c.tasks.names = tuple(tasks)
   c.tasks.weights = tuple(1.0 for _ in tasks)
   c.tasks.data_dir = ""  # "" = <workdir>/data
-  c.tasks.train_size = 2048  # examples per task in the train split
+  # Examples per task in the train split. Generated tasks make example i from (task, split,
+  # i), so a large split costs nothing; with 2048 the small model memorises its train prompts
+  # within the warm start and RL (measured: train accuracy up, held-out flat). With
+  # data.source=tfds every example is prepared on disk: lower it there (e.g. 4096).
+  c.tasks.train_size = 100_000
   c.tasks.eval_size = 128  # held-out examples per task scored by evaluation
 
   # Where RL prompts come from (g2rpo_jax/data_sources.py). "generate": the built-in tasks made
@@ -130,7 +147,10 @@ def base_config(tasks=ALL_TASKS) -> ml_collections.ConfigDict:
   c.filtering.max_rounds = 2  # extra sampling rounds to refill the batch
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.lr = 5e-4
+  # RL step size of the small model (measured on the default job, seed 0, warm start 300
+  # steps): 2.5e-4 moves chart down and counting up, net +0.0; 1e-3 on spatial alone collapses
+  # its entropy to 0.06 and its held-out score from 36 to 23 within 80 steps; 1e-4 is stable.
+  c.optimizer.lr = 1e-4
   c.optimizer.weight_decay = 1e-2
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
@@ -139,7 +159,7 @@ def base_config(tasks=ALL_TASKS) -> ml_collections.ConfigDict:
 
   c.warm_start = ml_collections.ConfigDict()
   c.warm_start.enabled = True
-  c.warm_start.steps = 150
+  c.warm_start.steps = 300
   c.warm_start.batch_size = 32
   c.warm_start.lr = 2e-3
 
@@ -149,9 +169,9 @@ def base_config(tasks=ALL_TASKS) -> ml_collections.ConfigDict:
   c.mesh.tensor = 1
 
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 120
+  c.train.num_steps = 200
   c.train.log_every = 1
-  c.train.eval_every = 40
+  c.train.eval_every = 50
   c.train.checkpoint_every = 20
   c.train.keep_checkpoints = 3
   c.train.grad_norm_every = 10  # per-task gradient norms (SPEC §7.2) every K steps; 0 = never

@@ -11,7 +11,6 @@ def get_config(arg=None):
     c.seed = int(arg)
   c.model.size = "nano"
   c.model.patch_size = 8  # nano's 16-px images: 4 image tokens
-  c.model.max_prompt_len = 72
   c.tasks.train_size = 64
   c.tasks.eval_size = 4
   c.rollout.group_size = 4

@@ -204,6 +204,14 @@ def tiny_vlm_train_flops(config, *, rows: int, seq: int, logit_positions: int,
     head     = 6 · E·V · logit_positions     (the trainer's logits cover the response only)
     vision   = images · n · [4·3p²·Wv + Lv·(6·(4·Wv² + 3·Wv·Fv) + 12·Wv·n) + 6·(Wv·E + E·E)]
 
+  With `fusion="cross"` each decoder layer adds a cross-attention sublayer (H heads of size D
+  over the n patch features): q and o projections per text token, k and v per patch, scores
+  and values over n per text token:
+
+    cross    = 6 · L·2·E·H·D · (rows·seq + images·n) + 12 · L·H·D · n · rows·seq
+
+  and `token_conv` = K adds 6·(K−1)·E per token (its depthwise weights) to the decoder term.
+
   where the vision tower sees n = (image_size / p)² patches of p = patch_size pixels with width
   Wv = vit_width, Lv = vit_layers blocks of MLP size Fv = vit_mlp_dim (full attention over the
   n patches), then projects to E through two matmuls. The patch embedding costs 4 per weight,
@@ -219,7 +227,7 @@ def tiny_vlm_train_flops(config, *, rows: int, seq: int, logit_positions: int,
       tower encodes (one per row in the trainer: rows of a group each encode their copy).
 
   Returns:
-    {"decoder", "attention", "head", "vision", "total"} in FLOPs.
+    {"decoder", "attention", "cross", "head", "vision", "total"} in FLOPs.
   """
   get = (config.get if isinstance(config, Mapping) else
          lambda k, default=None: getattr(config, k, default))
@@ -233,12 +241,19 @@ def tiny_vlm_train_flops(config, *, rows: int, seq: int, logit_positions: int,
   out = {
       "decoder": 6.0 * l * (e * h * d + 2 * e * hkv * d + h * d * e + 3 * e * f) * tokens,
       "attention": 12.0 * l * h * d * seq * tokens,
+      "cross": 0.0,
       "head": 6.0 * e * get("vocab_size") * logit_positions,
       "vision": 0.0,
   }
+  k_conv = get("token_conv", 0) or 0
+  if k_conv > 1:
+    out["decoder"] += 6.0 * (k_conv - 1) * e * tokens
   if get("vision"):
     p, wv, fv = get("patch_size"), get("vit_width"), get("vit_mlp_dim")
     n = (get("image_size") // p) ** 2
+    if get("fusion", "tokens") == "cross":
+      out["cross"] = (6.0 * l * 2 * e * h * d * (tokens + images * n)
+                      + 12.0 * l * h * d * n * tokens)
     per_patch = (4 * 3 * p * p * wv
                  + get("vit_layers") * (6 * (4 * wv * wv + 3 * wv * fv) + 12 * wv * n)
                  + 6 * (wv * e + e * e))

@@ -92,6 +92,20 @@ def test_tiny_vlm_train_flops_by_hand():
   assert text_only["vision"] == 0 and text_only["total"] == 4320 + 864 + 240
 
 
+def test_tiny_vlm_train_flops_cross_fusion_and_token_conv_by_hand():
+  out = metrics.tiny_vlm_train_flops({**_TINY, "fusion": "cross", "token_conv": 3}, rows=2,
+                                     seq=3, logit_positions=2, images=2)
+  # cross, per layer: q and o 2·E·H·D = 32 weights on the 6 text tokens, k and v 32 weights on
+  #   the 8 patch features (2 images · 4): 6 · 32 · 14 = 2688; scores and values 12 · H·D=4 ·
+  #   n=4 = 192 per text token, · 6 = 1152 -> 3840
+  assert out["cross"] == 3840
+  # token_conv K=3: 2 taps of E=4 weights, 6 · 8 · 6 tokens = 288 on top of the 4320
+  assert out["decoder"] == 4320 + 288
+  assert out["total"] == 4608 + 864 + 3840 + 240 + 4320
+  assert metrics.tiny_vlm_train_flops(_TINY, rows=2, seq=3, logit_positions=2,
+                                      images=2)["cross"] == 0
+
+
 def test_tiny_vlm_train_flops_reads_the_model_config_and_names_missing_fields():
   import dataclasses
   from g2rpo_jax.models import tiny_vlm

@@ -14,6 +14,10 @@ from g2rpo_jax.models import testing
 from g2rpo_jax.models.tiny_vlm import TinyVLMConfig
 
 NANO = M.tiny_vlm_config("nano")  # image 16x16, patch 8 -> 4 image tokens, P = 32
+# The options the default job uses: cross-attention fusion, a token conv, per-image pixel norm
+# and the text-width patch position embedding.
+CROSS = dataclasses.replace(NANO, fusion="cross", token_conv=4, pixel_norm="per_image",
+                            image_pos_std=1.0)
 _MODELS = {}
 
 
@@ -176,8 +180,9 @@ def test_dtypes_come_from_the_config():
 # -- numerics --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": True, "num_kv_heads": 1,
-                                            "vision": False}])
+@pytest.mark.parametrize("overrides", [
+    {}, {"tie_embeddings": True, "num_kv_heads": 1, "vision": False},
+    dataclasses.asdict(CROSS), {"vision": False, "token_conv": 3}])
 def test_cached_decode_matches_full_sequence(overrides):
   cfg = dataclasses.replace(NANO, **overrides)
   m = _model(cfg)
@@ -196,15 +201,19 @@ def test_cached_decode_matches_full_sequence(overrides):
   assert cache.index.tolist() == [p + 6] * 2
 
 
-def test_left_padding_does_not_change_a_prompts_logits():
-  m = _model()
+@pytest.mark.parametrize("cfg", [NANO, CROSS], ids=["tokens", "cross"])
+def test_left_padding_does_not_change_a_prompts_logits(cfg):
+  m = _model(cfg)
   outs = []
   for p in (32, 48):
-    pb = _batch(dataclasses.replace(NANO, max_prompt_len=p))
+    pb = _batch(dataclasses.replace(cfg, max_prompt_len=p))
     outs.append(_full_logits(m, pb, RESP))
-  # Row 0 has 12 real prompt tokens, row 1 has 8: compare every real position.
-  np.testing.assert_allclose(outs[0][0, -18:], outs[1][0, -18:], atol=1e-5, rtol=0)
-  np.testing.assert_allclose(outs[0][1, -14:], outs[1][1, -14:], atol=1e-5, rtol=0)
+  # Every real position: the prompt's tokens (with image placeholders for "tokens") + RESP.
+  n_real = np.asarray(pb.mask).sum(1) + RESP.shape[1]
+  assert n_real[0] > n_real[1] > RESP.shape[1]
+  for r in range(2):
+    np.testing.assert_allclose(outs[0][r, -n_real[r]:], outs[1][r, -n_real[r]:], atol=1e-5,
+                               rtol=0)
 
 
 def test_image_embeddings_replace_placeholders_in_order():
@@ -220,13 +229,65 @@ def test_image_embeddings_replace_placeholders_in_order():
                              atol=1e-6)
 
 
-def test_image_changes_only_its_own_row():
-  m = _model()
-  a = _batch()
-  b = a.replace(vision={"pixels": a.vision["pixels"].at[:].set(255 - a.vision["pixels"])})
+@pytest.mark.parametrize("cfg", [NANO, CROSS], ids=["tokens", "cross"])
+def test_image_changes_only_its_own_row(cfg):
+  # Row 1 has no image: its (zero) pixels are replaced by noise too, and must not reach its
+  # logits (no placeholders with "tokens"; has_image=False gates the cross-attention with
+  # "cross"). Noise, not a constant: per-image normalisation maps every constant image to 0.
+  m = _model(cfg)
+  a = _batch(cfg)
+  b = a.replace(vision={**a.vision, "pixels": jnp.asarray(np.stack(_images(2, seed=1)))})
   la, lb = _full_logits(m, a, RESP), _full_logits(m, b, RESP)
   assert float(jnp.abs(la[0, -1] - lb[0, -1]).max()) > 1e-3
   np.testing.assert_allclose(la[1], lb[1], atol=1e-6)
+
+
+def test_cross_fusion_processor_drops_placeholders_and_flags_images():
+  proc = M.build_processor(CROSS)
+  tok = proc.tokenizer
+  pb = proc(["ab<image>c", "xy"], [*_images(1), None])
+  assert pb.tokens[0, -4:].tolist() == [tok.bos_id, *tok.encode("abc")]
+  assert not (pb.tokens == tok.image_id).any()
+  assert pb.vision["has_image"].tolist() == [True, False]
+  assert M.build_processor(NANO)(["a<image>"], _images(1)).vision["has_image"].tolist() == [True]
+
+
+def test_token_conv_equals_its_definition():
+  m = _model(CROSS)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 7, CROSS.width)).astype(np.float32)
+  valid = np.ones((2, 7), bool)
+  valid[1, :3] = False                                           # left padding
+  got = jax.jit(lambda m, x, v: m._token_conv(x, v))(m, x, valid)
+  w = np.asarray(m.token_conv.value)                             # [K-1, E]
+  xm = x * valid[..., None]
+  want = x.copy()
+  for t in range(7):
+    for j in range(1, CROSS.token_conv):
+      if t - j >= 0:
+        want[:, t] += w[j - 1] * xm[:, t - j]
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_per_image_pixel_norm_ignores_brightness_and_contrast():
+  m = _model(CROSS)
+  img = _images(1)[0].astype(np.float32)
+  # Halved contrast and shifted per channel, still inside [0, 255].
+  other = img * 0.5 + np.array([10.0, 60.0, 100.0], np.float32)
+  px = jnp.asarray(np.stack([img, other]).round().astype(np.uint8))
+  feats = jax.jit(lambda m, px: m.vision(px, jnp.float32))(m, px)
+  # Rounding to uint8 leaves ~1/255 noise; a fixed [-1, 1] map moves the features far more.
+  np.testing.assert_allclose(feats[0], feats[1], atol=0.15)
+  fixed = jax.jit(lambda m, px: m.vision(px, jnp.float32))(_model(NANO), px)
+  assert float(jnp.abs(fixed[0] - fixed[1]).max()) > 0.5
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("fusion", "concat", "fusion must be"), ("pixel_norm", "batch", "pixel_norm must be"),
+    ("token_conv", -1, "token_conv must be"), ("image_pos_std", -0.1, "image_pos_std")])
+def test_fusion_options_are_validated(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    dataclasses.replace(NANO, **{field: value})
 
 
 def _np_log_softmax(z):

@@ -98,6 +98,7 @@ def run(args):
         "model_gflop": flops["total"] / 1e9,
         "attention_gflop": flops["attention"] / 1e9,
         "vision_gflop": flops["vision"] / 1e9,
+        "cross_gflop": flops["cross"] / 1e9,
         "gflop_6nt": flops_6nt / 1e9,
         "update_gflops": flops["total"] / update_s / 1e9,
         "update_mfu_vs_matmul": paired(flops["total"]),

@@ -117,10 +117,11 @@ class Tokenizer(Protocol):
 class PromptBatch:
   """A batch of B prompts, left-padded to a fixed length P.
 
-  tokens: i32[B, P]  token ids; PAD on the left; the image placeholder id repeated
-      `num_image_tokens` times where each image goes.
+  tokens: i32[B, P]  token ids; PAD on the left; for models that put the image in the sequence,
+      the image placeholder id repeated once per image token where each image goes.
   mask:   bool[B, P] True on real tokens (a suffix of every row: padding is on the left).
-  vision: model-specific pytree of arrays with leading dim B (tiny_vlm: `{"pixels": u8[B,H,W,3]}`;
+  vision: model-specific pytree of arrays with leading dim B (tiny_vlm:
+      `{"pixels": u8[B,H,W,3], "has_image": bool[B]}`;
       a real VLM: padded patches, grid sizes, ...). Every leaf has leading dimension B so the
       batch can be sharded and indexed row-wise.
   """
@@ -154,12 +155,19 @@ class KVCache:
   index:    i32[B]      the slot the next token is written to. All rows decode in lock-step, so
             it is the same for every row; it is stored per row so the cache can be copied /
             sharded / indexed row-wise like every other leaf.
+  image:    optional model-defined per-prompt state derived from the image that decoding reads
+            (tiny_vlm's "cross" fusion: per layer, the image's cross-attention k, v and a
+            bool[B] has-image flag), or None.
+  conv:     optional model-defined recurrent state (tiny_vlm's token_conv: the last K-1 input
+            embeddings, [B, K-1, E]), or None.
   """
   k: tuple
   v: tuple
   valid: Array
   next_pos: Array
   index: Array
+  image: Any = None
+  conv: Any = None
 
   @property
   def size(self) -> int:

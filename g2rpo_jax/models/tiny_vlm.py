@@ -1,9 +1,21 @@
 """The built-in policy `tiny_vlm`: a small vision-language model in flax.nnx, plus its processor.
 
 Architecture: a ViT-style encoder (square images cut into patches, learned position embeddings,
-pre-norm bidirectional blocks) whose patch embeddings are projected into the text width and
-scattered, in order, onto the image placeholder tokens of the prompt; then a decoder-only
-transformer (RoPE, RMSNorm, gated-SiLU MLP, optional grouped KV heads, tied or untied output).
+pre-norm bidirectional blocks) whose patch embeddings are projected into the text width, and a
+decoder-only transformer (RoPE, RMSNorm, gated-SiLU MLP, optional grouped KV heads, tied or
+untied output). The image reaches the decoder by one of two fusions (`fusion`):
+
+  "tokens": the patch embeddings are scattered, in order, onto the prompt's image placeholder
+            tokens (one per patch), as in LLaVA-style models.
+  "cross":  the prompt holds no placeholders; every decoder block has a cross-attention
+            sublayer from the text to the (normed) patch embeddings, computed once per prompt
+            and kept in the KV cache for decoding.
+
+On the built-in tasks the small model with "tokens" fusion locates the objects a question names
+but keeps confusing which one the question means ("the red one" vs "the blue one"); with
+"cross" fusion plus `token_conv` (each token's input mixed with its predecessors', so the colour
+word and its noun meet before attention) and per-image pixel normalisation, spatial-only
+supervised training goes from a ~50% plateau to 96% in 300 steps. configs/common.py uses these.
 Sizes are presets (`SIZES`, `tiny_vlm_config(size, **overrides)`); `vision=False` gives the
 text-only decoder of the same family.
 
@@ -54,6 +66,19 @@ class TinyVLMConfig:
   vit_layers: int = 2
   vit_heads: int = 4
   vit_mlp_dim: int = 512
+  # "fixed": pixels mapped to [-1, 1]. "per_image": each image standardised by its own
+  # per-channel mean and overall std, so a task's random background colour and contrast do not
+  # shift every patch feature.
+  pixel_norm: str = "fixed"
+  # How the image reaches the decoder (see the module docstring): "tokens" (patch features in
+  # place of the prompt's image placeholders) or "cross" (a cross-attention sublayer per block).
+  fusion: str = "tokens"
+  # > 0: a learned per-patch embedding of this init std added to the projected patch features
+  # (in the text width), so "where" is readable straight from the features the decoder sees.
+  image_pos_std: float = 0.0
+  # K > 1: a causal depthwise convolution over the decoder's input embeddings, x_t + sum_{j<K}
+  # w_j * x_{t-j} (padding contributes zeros), before the first block. 0 = none.
+  token_conv: int = 0
   # Token ids the model must know (those of CharTokenizer by default).
   image_token_id: int = 3
   # The processor's fixed prompt length P (left-padded).
@@ -74,12 +99,30 @@ class TinyVLMConfig:
       if self.vit_width % self.vit_heads:
         raise ValueError(f"vit_width {self.vit_width} must be a multiple of vit_heads "
                          f"{self.vit_heads}")
+    if self.pixel_norm not in ("fixed", "per_image"):
+      raise ValueError(f"pixel_norm must be 'fixed' or 'per_image', got {self.pixel_norm!r}")
+    if self.fusion not in ("tokens", "cross"):
+      raise ValueError(f"fusion must be 'tokens' or 'cross', got {self.fusion!r}")
+    if self.image_pos_std < 0:
+      raise ValueError(f"image_pos_std must be >= 0, got {self.image_pos_std}")
+    if self.token_conv < 0 or self.token_conv > self.max_prompt_len + 1:
+      raise ValueError(f"token_conv must be in [0, max_prompt_len + 1 = "
+                       f"{self.max_prompt_len + 1}], got {self.token_conv}")
     interface.to_dtype(self.dtype)
     interface.to_dtype(self.param_dtype)
 
   @property
   def num_image_tokens(self) -> int:
     return (self.image_size // self.patch_size) ** 2 if self.vision else 0
+
+  @property
+  def prompt_image_tokens(self) -> int:
+    """Image placeholder tokens the processor puts in a prompt with an image."""
+    return self.num_image_tokens if self.fusion == "tokens" else 0
+
+  @property
+  def cross_fusion(self) -> bool:
+    return self.vision and self.fusion == "cross"
 
 
 SIZES = {
@@ -229,15 +272,16 @@ class Attention(nnx.Module):
     self.wo = _param(rngs, _fan_in((0, 1), 2), (num_heads, head_dim, width),
                      ("heads", "head_dim", "embed"), param_dtype)
 
+  @staticmethod
+  def project(x: Array, w: Array) -> Array:
+    """x: [B, T, E] times a [E, H, D] projection -> [B, T, H, D] (one 2-D matmul, see `dense`)."""
+    e, h, d = w.shape
+    return dense(x, w.astype(x.dtype).reshape(e, h * d)).reshape(x.shape[:-1] + (h, d))
+
   def qkv(self, x: Array):
-    """x: [B, T, E] -> q [B, T, H, D], k, v [B, T, Hkv, D] (2-D matmuls, see `dense`)."""
-    dt = x.dtype
-
-    def proj(w):
-      e, h, d = w.shape
-      return dense(x, w.astype(dt).reshape(e, h * d)).reshape(x.shape[:-1] + (h, d))
-
-    return proj(self.wq.value), proj(self.wk.value), proj(self.wv.value)
+    """x: [B, T, E] -> q [B, T, H, D], k, v [B, T, Hkv, D]."""
+    return (self.project(x, self.wq.value), self.project(x, self.wk.value),
+            self.project(x, self.wv.value))
 
   def out(self, o: Array) -> Array:
     """o: [B, T, H, D] -> [B, T, E]."""
@@ -246,14 +290,40 @@ class Attention(nnx.Module):
     return dense(o.reshape(o.shape[:-2] + (h * d,)), w)
 
 
+class CrossAttention(nnx.Module):
+  """The "cross" fusion sublayer: text queries attend to the image's patch features.
+
+  No positions on either side (the patch features carry their own, from the vision tower's
+  position embedding). The image side is projected once per prompt (`kv`) and kept in the KV
+  cache for decoding. Rows without an image get zero from the sublayer (`has_image`).
+  """
+
+  def __init__(self, width, num_heads, head_dim, eps, param_dtype, *, rngs):
+    self.norm = RMSNorm(width, eps, param_dtype, rngs=rngs)
+    self.attn = Attention(width, num_heads, num_heads, head_dim, param_dtype, rngs=rngs)
+
+  def kv(self, image: Array) -> tuple[Array, Array]:
+    """image: [B, N, E] (normed patch features) -> k, v [B, H, N, D] (the `attend` layout)."""
+    return tuple(jnp.swapaxes(self.attn.project(image, w.value), 1, 2)
+                 for w in (self.attn.wk, self.attn.wv))
+
+  def __call__(self, x: Array, k: Array, v: Array, has_image: Array) -> Array:
+    """x: [B, T, E]; k, v from `kv`; has_image: bool[B] -> the sublayer output [B, T, E]."""
+    o = attend(self.attn.project(self.norm(x), self.attn.wq.value), k, v, None)
+    return self.attn.out(o) * has_image[:, None, None].astype(x.dtype)
+
+
 class Block(nnx.Module):
   """Pre-norm transformer block. `rot` is `rope_tables(...)` or None (no rotary positions: the
-  ViT)."""
+  ViT). With `cross=True` (the "cross" fusion) a cross-attention sublayer sits between the
+  self-attention and the MLP; `image` is then its (k, v, has_image) or None (no image batch)."""
 
   def __init__(self, width, mlp_dim, num_heads, num_kv_heads, head_dim, eps, param_dtype,
-               *, rngs):
+               *, rngs, cross: bool = False):
     self.attn_norm = RMSNorm(width, eps, param_dtype, rngs=rngs)
     self.attn = Attention(width, num_heads, num_kv_heads, head_dim, param_dtype, rngs=rngs)
+    self.cross = (CrossAttention(width, num_heads, head_dim, eps, param_dtype, rngs=rngs)
+                  if cross else None)
     self.mlp_norm = RMSNorm(width, eps, param_dtype, rngs=rngs)
     self.mlp = GatedMLP(width, mlp_dim, param_dtype, rngs=rngs)
 
@@ -264,23 +334,25 @@ class Block(nnx.Module):
       q, k = rope(q, rot), rope(k, rot)
     return q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
 
-  def _finish(self, x, o):
+  def _finish(self, x, o, image):
     x = x + self.attn.out(o)
+    if self.cross is not None and image is not None:
+      x = x + self.cross(x, *image)
     return x + self.mlp(self.mlp_norm(x))
 
-  def __call__(self, x: Array, rot, mask: Array | None):
+  def __call__(self, x: Array, rot, mask: Array | None, image=None):
     """Whole-sequence pass. x: [B, T, E]; mask: bool[B, T, T] or None (full attention).
     Returns (x, k, v) with k, v: [B, Hkv, T, D]."""
     q, k, v = self._qkv(x, rot)
-    return self._finish(x, attend(q, k, v, mask)), k, v
+    return self._finish(x, attend(q, k, v, mask), image), k, v
 
-  def decode(self, x: Array, rot, mask: Array, k_cache: Array, v_cache: Array, idx):
+  def decode(self, x: Array, rot, mask: Array, k_cache: Array, v_cache: Array, idx, image=None):
     """One token per row. x: [B, 1, E]; mask: bool[B, 1, S]; caches [B, Hkv, S, D] get the new
     key/value at slot `idx` (a scalar) before attending."""
     q, k, v = self._qkv(x, rot)                                     # k, v: [B, Hkv, 1, D]
     k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, idx, 0))
     v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, idx, 0))
-    return self._finish(x, attend(q, k_cache, v_cache, mask)), k_cache, v_cache
+    return self._finish(x, attend(q, k_cache, v_cache, mask), image), k_cache, v_cache
 
 
 class VisionEncoder(nnx.Module):
@@ -291,6 +363,7 @@ class VisionEncoder(nnx.Module):
     n = c.num_image_tokens
     patch_dim = c.patch_size * c.patch_size * 3
     self.patch_size = c.patch_size
+    self.pixel_norm = c.pixel_norm
     self.patch_embed = _param(rngs, _fan_in(0, 1), (patch_dim, c.vit_width), ("patch", "embed"),
                               pdt)
     self.pos_embed = _param(rngs, nnx.initializers.normal(0.02), (n, c.vit_width),
@@ -299,13 +372,20 @@ class VisionEncoder(nnx.Module):
         Block(c.vit_width, c.vit_mlp_dim, c.vit_heads, c.vit_heads, c.vit_width // c.vit_heads,
               c.norm_eps, pdt, rngs=rngs) for _ in range(c.vit_layers)])
     self.norm = RMSNorm(c.vit_width, c.norm_eps, pdt, rngs=rngs)
-    self.proj1 = _param(rngs, _fan_in(0, 1), (c.vit_width, c.width), (None, "embed"), pdt)
-    self.proj2 = _param(rngs, _fan_in(0, 1), (c.width, c.width), ("embed", "mlp"), pdt)
+    self.proj1 = _param(rngs, _fan_in(0, 1), (c.vit_width, c.width), ("embed", "mlp"), pdt)
+    self.proj2 = _param(rngs, _fan_in(0, 1), (c.width, c.width), ("mlp", "embed"), pdt)
+    self.out_pos_embed = (
+        _param(rngs, nnx.initializers.normal(c.image_pos_std), (n, c.width), (None, "embed"),
+               pdt) if c.image_pos_std > 0 else None)
 
   def __call__(self, pixels: Array, dtype) -> Array:
     b, hgt, wid, ch = pixels.shape
     p = self.patch_size
     x = pixels.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+    if self.pixel_norm == "per_image":
+      mean = jnp.mean(x, axis=(1, 2), keepdims=True)
+      std = jnp.sqrt(jnp.mean(jnp.square(x - mean), axis=(1, 2, 3), keepdims=True))
+      x = (x - mean) / (std + 1e-3)                  # a blank image stays 0, not 0/0
     x = x.reshape(b, hgt // p, p, wid // p, p, ch).transpose(0, 1, 3, 2, 4, 5)
     x = x.reshape(b, (hgt // p) * (wid // p), p * p * ch).astype(dtype)
     x = dense(x, self.patch_embed.value.astype(dtype)) + self.pos_embed.value.astype(dtype)
@@ -313,11 +393,14 @@ class VisionEncoder(nnx.Module):
       x, _, _ = blk(x, None, None)
     x = self.norm(x)
     x = jax.nn.gelu(dense(x, self.proj1.value.astype(dtype)))
-    return dense(x, self.proj2.value.astype(dtype))
+    x = dense(x, self.proj2.value.astype(dtype))
+    if self.out_pos_embed is not None:
+      x = x + self.out_pos_embed.value.astype(dtype)
+    return x
 
 
 # ------------------------------------------------------------------------------------------------
-# The model
+# Model
 # ------------------------------------------------------------------------------------------------
 
 
@@ -333,10 +416,15 @@ class TinyVLM(interface.PolicyModel):
     # sqrt(width) to unit RMS per coordinate.
     self.embed = _param(rngs, nnx.initializers.normal(1.0 / math.sqrt(c.width)),
                         (c.vocab_size, c.width), ("vocab", "embed"), pdt)
+    # token_conv taps w_1..w_{K-1}; small at init so the block input starts near the embedding.
+    self.token_conv = (
+        _param(rngs, nnx.initializers.normal(0.5 / math.sqrt(c.token_conv)),
+               (c.token_conv - 1, c.width), (None, "embed"), pdt) if c.token_conv > 1 else None)
     self.vision = VisionEncoder(c, rngs=rngs) if c.vision else None
+    self.image_norm = RMSNorm(c.width, c.norm_eps, pdt, rngs=rngs) if c.cross_fusion else None
     self.layers = nnx.List([
         Block(c.width, c.mlp_dim, c.num_heads, c.num_kv_heads, c.head_dim, c.norm_eps, pdt,
-              rngs=rngs) for _ in range(c.num_layers)])
+              rngs=rngs, cross=c.cross_fusion) for _ in range(c.num_layers)])
     self.final_norm = RMSNorm(c.width, c.norm_eps, pdt, rngs=rngs)
     self.head = None if c.tie_embeddings else _param(
         rngs, _fan_in(0, 1), (c.width, c.vocab_size), ("embed", "vocab"), pdt)
@@ -349,7 +437,7 @@ class TinyVLM(interface.PolicyModel):
 
   def _embed_prompt(self, prompt: PromptBatch) -> Array:
     x = self._embed_tokens(prompt.tokens)
-    if self.vision is None or prompt.vision is None:
+    if self.vision is None or prompt.vision is None or self.config.cross_fusion:
       return x
     img = self.vision(prompt.vision["pixels"], self.dtype)           # [B, N, E]
     is_img = (prompt.tokens == self.config.image_token_id) & prompt.mask
@@ -358,6 +446,28 @@ class TinyVLM(interface.PolicyModel):
     k = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, img.shape[1] - 1)
     picked = jnp.take_along_axis(img, k[..., None], axis=1)
     return jnp.where(is_img[..., None], picked, x)
+
+  def _image_kv(self, prompt: PromptBatch):
+    """"cross" fusion: per layer (k, v, has_image) of the prompt's image; else None."""
+    if not self.config.cross_fusion or prompt.vision is None:
+      return None
+    img = self.image_norm(self.vision(prompt.vision["pixels"], self.dtype))
+    has = prompt.vision.get("has_image")
+    if has is None:  # a hand-built batch without the flag: every row has its image
+      has = jnp.ones(prompt.tokens.shape[:1], bool)
+    return tuple(blk.cross.kv(img) + (has,) for blk in self.layers)
+
+  def _token_conv(self, x: Array, valid: Array) -> Array:
+    """x_t + sum_{j=1}^{K-1} w_j * x_{t-j} over [B, T, E], invalid (padding) inputs as zeros."""
+    if self.token_conv is None:
+      return x
+    w = self.token_conv.value.astype(x.dtype)
+    xm = x * valid[..., None].astype(x.dtype)
+    t = x.shape[1]
+    out = x
+    for j in range(1, w.shape[0] + 1):
+      out = out + w[j - 1] * jnp.pad(xm, ((0, 0), (j, 0), (0, 0)))[:, :t]
+    return out
 
   @staticmethod
   def _prompt_positions(mask: Array) -> Array:
@@ -373,11 +483,11 @@ class TinyVLM(interface.PolicyModel):
   def _rope(self, pos: Array):
     return rope_tables(pos, self.config.head_dim, self.config.rope_theta)
 
-  def _run(self, x, pos, mask):
+  def _run(self, x, pos, mask, image_kv):
     ks, vs = [], []
     rot = self._rope(pos)
-    for blk in self.layers:
-      x, k, v = blk(x, rot, mask)
+    for i, blk in enumerate(self.layers):
+      x, k, v = blk(x, rot, mask, None if image_kv is None else image_kv[i])
       ks.append(k)
       vs.append(v)
     return self.final_norm(x), ks, vs
@@ -391,7 +501,8 @@ class TinyVLM(interface.PolicyModel):
     valid = jnp.concatenate([prompt.mask.astype(bool), jnp.ones(response_tokens.shape, bool)], 1)
     n = x.shape[1]
     causal = jnp.tril(jnp.ones((n, n), bool))
-    h, _, _ = self._run(x, pos, causal[None] & valid[:, None, :])
+    h, _, _ = self._run(self._token_conv(x, valid), pos, causal[None] & valid[:, None, :],
+                        self._image_kv(prompt))
     return h
 
   def prefill(self, prompt: PromptBatch, cache_size: int) -> tuple[Array, KVCache]:
@@ -400,33 +511,45 @@ class TinyVLM(interface.PolicyModel):
       raise ValueError(f"cache_size {cache_size} is smaller than the prompt length {p}")
     valid = prompt.mask.astype(bool)
     causal = jnp.tril(jnp.ones((p, p), bool))
-    h, ks, vs = self._run(self._embed_prompt(prompt), self._prompt_positions(prompt.mask),
-                          causal[None] & valid[:, None, :])
+    x = self._embed_prompt(prompt)
+    image_kv = self._image_kv(prompt)
+    h, ks, vs = self._run(self._token_conv(x, valid), self._prompt_positions(prompt.mask),
+                          causal[None] & valid[:, None, :], image_kv)
     # Cache layout [B, Hkv, S, D] (see `attend`), as the blocks return k and v.
     pad = ((0, 0), (0, 0), (0, cache_size - p), (0, 0))
     lay = lambda x: jnp.pad(x, pad)
+    # token_conv state: the last K-1 (masked) input embeddings, oldest first.
+    conv = (None if self.token_conv is None else
+            (x * valid[..., None].astype(x.dtype))[:, p - self.token_conv.value.shape[0]:])
     cache = KVCache(
         k=tuple(lay(k) for k in ks), v=tuple(lay(v) for v in vs),
         valid=jnp.pad(valid, ((0, 0), (0, cache_size - p))),
         next_pos=jnp.sum(valid, axis=1, dtype=jnp.int32),
-        index=jnp.full((b,), p, jnp.int32))
+        index=jnp.full((b,), p, jnp.int32), image=image_kv, conv=conv)
     return self.logits(h[:, -1]), cache
 
   def decode(self, tokens: Array, cache: KVCache) -> tuple[Array, KVCache]:
     b = tokens.shape[0]
     idx = cache.index[0]  # rows decode in lock-step (see KVCache)
     x = self._embed_tokens(tokens[:, None])
+    conv = cache.conv
+    if self.token_conv is not None:
+      w = self.token_conv.value.astype(x.dtype)                  # [K-1, E]; w[j-1] taps x_{t-j}
+      new = x
+      x = x + jnp.einsum("je,bje->be", w, conv[:, ::-1])[:, None]
+      conv = jnp.concatenate([conv[:, 1:], new], axis=1)
     rot = self._rope(cache.next_pos[:, None])
     valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones((b, 1), bool), (0, idx))
     mask = valid[:, None, :]
     ks, vs = [], []
-    for blk, kc, vc in zip(self.layers, cache.k, cache.v):
-      x, kc, vc = blk.decode(x, rot, mask, kc, vc, idx)
+    for i, (blk, kc, vc) in enumerate(zip(self.layers, cache.k, cache.v)):
+      x, kc, vc = blk.decode(x, rot, mask, kc, vc, idx,
+                             None if cache.image is None else cache.image[i])
       ks.append(kc)
       vs.append(vc)
     logits = self.logits(self.final_norm(x)[:, 0])
     return logits, KVCache(k=tuple(ks), v=tuple(vs), valid=valid, next_pos=cache.next_pos + 1,
-                           index=cache.index + 1)
+                           index=cache.index + 1, image=cache.image, conv=conv)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -438,9 +561,11 @@ class TinyVLMProcessor:
   """prompts + images -> PromptBatch for tiny_vlm (see `interface.Processor`).
 
   Row layout: PAD.. BOS text-before-marker IMAGE*N text-after-marker, left-padded to
-  `max_prompt_len`. Images must be uint8[H, W, 3]; other sizes than `image_size` are resized
-  (bilinear) so tasks can render at any resolution.
-  vision = {"pixels": u8[B, image_size, image_size, 3]} (zeros for rows without an image).
+  `max_prompt_len`; N = `config.prompt_image_tokens` (the patch count with "tokens" fusion, 0
+  with "cross": the marker is then just dropped). Images must be uint8[H, W, 3]; other sizes
+  than `image_size` are resized (bilinear) so tasks can render at any resolution.
+  vision = {"pixels": u8[B, image_size, image_size, 3] (zeros for rows without an image),
+            "has_image": bool[B]}.
   """
 
   def __init__(self, config, tokenizer=None):
@@ -476,7 +601,7 @@ class TinyVLMProcessor:
         raise ValueError(f"prompt {i} has an {interface.IMAGE_MARKER!r} marker but no image")
       return [tok.bos_id] + tok.encode(text)
     before, after = parts if len(parts) == 2 else ("", parts[0])
-    img = [tok.image_id] * self.config.num_image_tokens
+    img = [tok.image_id] * self.config.prompt_image_tokens
     return [tok.bos_id] + tok.encode(before) + img + tok.encode(after)
 
   def __call__(self, prompts: Sequence[str], images=None) -> PromptBatch:
@@ -492,6 +617,7 @@ class TinyVLMProcessor:
     tokens = np.full((b, p), self.tokenizer.pad_id, np.int32)
     mask = np.zeros((b, p), bool)
     pixels = np.zeros((b, c.image_size, c.image_size, 3), np.uint8) if c.vision else None
+    has_image = np.zeros((b,), bool)
     for i, (text, img) in enumerate(zip(prompts, images)):
       ids = self._ids(i, text, img is not None)
       if len(ids) > p:
@@ -501,8 +627,9 @@ class TinyVLMProcessor:
       mask[i, p - len(ids):] = True
       if img is not None:
         pixels[i] = self._image(i, img)
+        has_image[i] = True
     return PromptBatch(tokens=tokens, mask=mask,
-                       vision={"pixels": pixels} if c.vision else None)
+                       vision={"pixels": pixels, "has_image": has_image} if c.vision else None)
 
 
 interface.register_model(
