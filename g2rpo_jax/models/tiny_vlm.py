@@ -372,8 +372,8 @@ class VisionEncoder(nnx.Module):
         Block(c.vit_width, c.vit_mlp_dim, c.vit_heads, c.vit_heads, c.vit_width // c.vit_heads,
               c.norm_eps, pdt, rngs=rngs) for _ in range(c.vit_layers)])
     self.norm = RMSNorm(c.vit_width, c.norm_eps, pdt, rngs=rngs)
-    self.proj1 = _param(rngs, _fan_in(0, 1), (c.vit_width, c.width), ("embed", "mlp"), pdt)
-    self.proj2 = _param(rngs, _fan_in(0, 1), (c.width, c.width), ("mlp", "embed"), pdt)
+    self.proj1 = _param(rngs, _fan_in(0, 1), (c.vit_width, c.width), (None, "embed"), pdt)
+    self.proj2 = _param(rngs, _fan_in(0, 1), (c.width, c.width), ("embed", "mlp"), pdt)
     self.out_pos_embed = (
         _param(rngs, nnx.initializers.normal(c.image_pos_std), (n, c.width), (None, "embed"),
                pdt) if c.image_pos_std > 0 else None)
@@ -400,7 +400,7 @@ class VisionEncoder(nnx.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# Model
+# The model
 # ------------------------------------------------------------------------------------------------
 
 
