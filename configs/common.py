@@ -109,6 +109,9 @@ def base_config(tasks=ALL_TASKS) -> ml_collections.ConfigDict:
   c.batch.num_minibatches = 4  # optimizer steps per rollout batch (SPEC §3)
   # Gradient accumulation inside each optimizer step (same update, less activation memory).
   c.batch.num_microbatches = 1
+  # How the rollout batch is dealt into mini-batches: "groups" keeps every prompt group whole
+  # in one mini-batch, "rows" spreads each group's responses over all of them.
+  c.batch.minibatch_split = "rows"
 
   c.advantage = ml_collections.ConfigDict()
   c.advantage.name = "g2rpo"

@@ -234,6 +234,8 @@ def validate(config: ConfigDict) -> ConfigDict:
   _expect(c.batch.num_minibatches >= 1 and c.batch.prompts_per_step % c.batch.num_minibatches
           == 0, "batch.num_minibatches", f"a divisor of batch.prompts_per_step "
           f"({c.batch.prompts_per_step})", c.batch.num_minibatches)
+  _expect(c.batch.minibatch_split in ("rows", "groups"), "batch.minibatch_split",
+          "'rows' or 'groups'", c.batch.minibatch_split)
   mb_rows = c.batch.prompts_per_step * c.rollout.group_size // max(c.batch.num_minibatches, 1)
   _expect(c.batch.num_microbatches >= 1 and mb_rows % c.batch.num_microbatches == 0,
           "batch.num_microbatches", f"a divisor of the mini-batch's {mb_rows} rows "

@@ -140,6 +140,9 @@ class StepConfig:
   h_max: tuple
   # Micro-batches per optimizer update (gradient accumulation; 1 = one backward pass per update).
   num_microbatches: int = 1
+  # Consecutive rows that stay together when the batch is dealt into mini-batches: the group
+  # size (whole prompt groups per mini-batch) or 1 (each group's rows spread over all of them).
+  minibatch_unit: int = 1
 
 
 def step_config(config: ml_collections.ConfigDict) -> StepConfig:
@@ -157,7 +160,9 @@ def step_config(config: ml_collections.ConfigDict) -> StepConfig:
       entropy_enabled=bool(ent.enabled), entropy_estimator=ent.estimator,
       entropy_lam=float(ent.lam),
       h_min=tuple(float(lo) for lo, _ in bounds), h_max=tuple(float(hi) for _, hi in bounds),
-      num_microbatches=int(config.batch.num_microbatches))
+      num_microbatches=int(config.batch.num_microbatches),
+      minibatch_unit=(int(config.rollout.group_size) if config.batch.minibatch_split == "groups"
+                      else 1))
 
 
 def make_optimizer(config: ml_collections.ConfigDict, lr: float | None = None):
@@ -211,19 +216,26 @@ def rl_loss(params, graphdef, batch: RLBatch, cfg: StepConfig, weights: Array | 
   return loss, aux
 
 
-def _split_minibatches(batch: RLBatch, m: int) -> RLBatch:
-  """[N, ...] -> [M, N/M, ...] taking rows m, m+M, m+2M, ... into mini-batch m.
+def _split_minibatches(batch: RLBatch, m: int, unit: int = 1) -> RLBatch:
+  """[N, ...] -> [M, N/M, ...] dealing blocks of `unit` consecutive rows round-robin: block
+  b goes to mini-batch b mod M.
 
-  Strided rather than contiguous so each mini-batch keeps an equal share of every device's rows
-  (no resharding under a row-sharded mesh) and a mix of prompts.
+  unit = 1 takes rows m, m+M, m+2M, ... (each mini-batch keeps an equal share of every device's
+  rows, so no resharding under a row-sharded mesh). unit = G (the group size; rows are laid out
+  group by group) keeps each prompt group whole in one mini-batch, so within every optimizer
+  update a group's advantages sum to ~0 and what its responses share (the prompt, the format)
+  gets no net push from that group; split over mini-batches, each update sees an unbalanced
+  part of every group.
   """
   def split(x):
     if x is None:
       return None
     n = x.shape[0]
-    if n % m:
-      raise ValueError(f"batch of {n} rows does not split into {m} mini-batches")
-    return jnp.swapaxes(x.reshape((n // m, m) + x.shape[1:]), 0, 1)
+    if n % (m * unit):
+      raise ValueError(f"batch of {n} rows does not split into {m} mini-batches of whole "
+                       f"{unit}-row blocks")
+    blocks = x.reshape((n // (m * unit), m, unit) + x.shape[1:])
+    return jnp.swapaxes(blocks, 0, 1).reshape((m, n // m) + x.shape[1:])
   return jax.tree.map(split, batch)
 
 
@@ -297,7 +309,7 @@ def train_step(state: TrainState, batch: RLBatch, *, graphdef, tx, cfg: StepConf
   With `cfg.num_microbatches` > 1 each update's gradient is accumulated over strided
   micro-batches (`_accumulated_grad`): the same update and metrics, less activation memory.
   """
-  minibatches = _split_minibatches(batch, cfg.num_minibatches)
+  minibatches = _split_minibatches(batch, cfg.num_minibatches, cfg.minibatch_unit)
   if cfg.num_microbatches == 1:
     grad_fn = lambda p, mb: jax.value_and_grad(rl_loss, has_aux=True)(p, graphdef, mb, cfg)
   else:

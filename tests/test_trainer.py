@@ -298,3 +298,30 @@ def test_num_microbatches_must_divide_minibatch_rows():
   config_utils.validate(smoke("batch.num_microbatches=4"))
   with pytest.raises(config_utils.ConfigError, match="batch.num_microbatches"):
     config_utils.validate(smoke("batch.num_microbatches=3"))
+
+
+@pytest.mark.parametrize("num_minibatches", [2, 4])
+def test_minibatch_split_groups_keeps_each_group_whole(num_minibatches):
+  import jax.numpy as jnp
+  g, prompts = 4, 8
+  group_of_row = jnp.repeat(jnp.arange(prompts), g)  # rows are laid out group by group
+  whole = np.asarray(trainer_lib._split_minibatches(group_of_row, num_minibatches, unit=g))
+  spread = np.asarray(trainer_lib._split_minibatches(group_of_row, num_minibatches, unit=1))
+  for split in (whole, spread):
+    assert split.shape == (num_minibatches, prompts * g // num_minibatches)
+    assert sorted(split.ravel().tolist()) == sorted(np.asarray(group_of_row).tolist())
+  for mb in whole:  # every group present in a mini-batch is there with all its g rows
+    assert all(np.sum(mb == k) == g for k in np.unique(mb))
+  assert len({frozenset(np.unique(mb).tolist()) for mb in whole}) == num_minibatches
+  for mb in spread:  # rows: every mini-batch holds an equal share of every group
+    assert sorted(np.unique(mb).tolist()) == list(range(prompts))
+    assert all(np.sum(mb == k) == g // num_minibatches for k in range(prompts))
+
+
+def test_minibatch_split_config():
+  cfg = smoke("batch.minibatch_split=groups")
+  config_utils.validate(cfg)
+  assert trainer_lib.step_config(cfg).minibatch_unit == cfg.rollout.group_size
+  assert trainer_lib.step_config(smoke("batch.minibatch_split=rows")).minibatch_unit == 1
+  with pytest.raises(config_utils.ConfigError, match="batch.minibatch_split"):
+    config_utils.validate(smoke("batch.minibatch_split=prompts"))
