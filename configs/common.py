@@ -78,6 +78,11 @@ def base_config(tasks=ALL_TASKS) -> ml_collections.ConfigDict:
   # data.source=tfds every example is prepared on disk: lower it there (e.g. 4096).
   c.tasks.train_size = 100_000
   c.tasks.eval_size = 128  # held-out examples per task scored by evaluation
+  # Each task's difficulty knobs (the task's docstring lists them), for every split: training,
+  # warm start and evaluation all generate at these, e.g. --config.tasks.difficulty.ocr.length=5
+  # or --config.tasks.difficulty.arithmetic.ops='+-*'. Defaults as the tasks define them.
+  c.tasks.difficulty = ml_collections.ConfigDict(
+      {t: dict(task_suite.TASKS[t].default_difficulty) for t in tasks if t in task_suite.TASKS})
 
   # Where RL prompts come from (g2rpo_jax/data_sources.py). "generate": the built-in tasks made
   # on the fly; "tfds": the same tasks prepared once as TFDS array_record files in

@@ -191,6 +191,12 @@ def task_names(config: ConfigDict) -> tuple[str, ...]:
   return tuple(config.tasks.names) + user_task_names(config)
 
 
+def task_difficulty(config: ConfigDict, task: str) -> dict:
+  """The difficulty knobs `tasks.difficulty.<task>` gives a built-in task ({}: its defaults)."""
+  d = config.tasks.get("difficulty")
+  return dict(d[task].to_dict()) if d is not None and task in d else {}
+
+
 def entropy_bounds(config: ConfigDict, task: str) -> tuple:
   """(H_min, H_max) of a task: its `shaping.entropy.bounds` entry, else `default_bounds`."""
   e = config.shaping.entropy

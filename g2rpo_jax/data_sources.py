@@ -270,6 +270,15 @@ class LoaderStream:
     self.loader.set_state(state)
 
 
+def builtin_task(config, name: str):
+  """The built-in task `name` generating at its `config.tasks.difficulty` knobs."""
+  knobs = config_utils.task_difficulty(config, name)
+  try:
+    return tasks_lib.get_task(name, difficulty=knobs)
+  except ValueError as e:
+    raise config_utils.ConfigError(f"config.tasks.difficulty.{name} = {knobs!r}: {e}") from None
+
+
 def data_dir(config, workdir: str) -> str:
   """Where the TFDS datasets are prepared: `config.tasks.data_dir` or `<workdir>/data`."""
   return config.tasks.data_dir or os.path.join(os.path.abspath(workdir), "data")
@@ -280,10 +289,12 @@ def _builtin_sources(config, workdir: str, names: Sequence[str]) -> dict[str, Se
     return {}
   size = int(config.tasks.train_size)
   if config.data.source == "generate":
-    return {n: GeneratedSource(tasks_lib.get_task(n), "train", size) for n in names}
+    return {n: GeneratedSource(builtin_task(config, n), "train", size) for n in names}
   from g2rpo_jax.tasks import data  # pylint: disable=import-outside-toplevel
   cfg = data.make_config(names=list(names), weights=[1.0] * len(names),
-                         split_sizes={"train": size}, data_dir=data_dir(config, workdir))
+                         split_sizes={"train": size}, data_dir=data_dir(config, workdir),
+                         difficulty={n: builtin_task(config, n).default_difficulty
+                                     for n in names})
   return data.load_sources(cfg, "train")
 
 
@@ -321,7 +332,7 @@ def _mixture_stream(config, workdir: str, batch_size: int, seed: int, *, process
 
 
 def _generated_stream(config, seed: int, process_index: int, stream: str) -> PromptSampler:
-  return PromptSampler([tasks_lib.get_task(n) for n in config.tasks.names],
+  return PromptSampler([builtin_task(config, n) for n in config.tasks.names],
                        [float(w) for w in config.tasks.weights], seed, config.tasks.train_size,
                        process_index=process_index, stream=stream)
 

@@ -489,7 +489,12 @@ def get_tasks(config) -> list:
   if missing:
     raise config_utils.ConfigError(
         f"config.tasks.names: unknown task(s) {missing}; available: {sorted(registry)}")
-  return [registry[n] for n in config.tasks.names]
+  unknown = sorted(set(config.tasks.get("difficulty", {})) - set(registry))
+  if unknown:
+    raise config_utils.ConfigError(
+        f"config.tasks.difficulty: knobs given for unknown task(s) {unknown}; built-in tasks: "
+        f"{sorted(registry)}")
+  return [data_sources.builtin_task(config, n) for n in config.tasks.names]
 
 
 # ------------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ def test_overrides_apply_with_the_existing_types():
     ("advantage.nmae=grpo", "advantage", "eps, mode, name, std"),
     ("shaping.entropy.lamda=0.1", "shaping.entropy", "bounds, enabled, estimator, lam"),
     ("nope=1", "<top level>", "advantage, batch"),
+    ("tasks.difficulty.ocr.lenght=5", "tasks.difficulty.ocr", "clutter, length"),
 ])
 def test_unknown_key_names_the_valid_keys_at_that_level(key, where, valid):
   c = config_utils.load_config("smoke")

@@ -85,6 +85,28 @@ def test_generate_without_user_data_is_the_unchanged_prompt_sampler(tmp_path):
   assert [_key(e) for e in stream.next(4)] == [_key(e) for e in ref.next(4)]
 
 
+@pytest.mark.parametrize("source", ["generate", "tfds"])
+def test_difficulty_knobs_reach_every_stream_and_bad_ones_name_the_key(tmp_path, source):
+  c = config(f"data.source={source}", "tasks.difficulty.ocr.length=6",
+             "tasks.difficulty.counting.max_count=8")
+  config_utils.validate(c)
+  for stream in (data_sources.rl_stream(c, str(tmp_path), 4, process_index=0, process_count=1),
+                 data_sources.warm_start_stream(c, str(tmp_path), 4, process_index=0,
+                                                process_count=1)):
+    drawn = [ex for _ in range(4) for ex in stream.next(4)]
+    assert {ex.task for ex in drawn} == set(TWO)
+    for ex in drawn:
+      want = tasks_lib.get_task(ex.task).example(
+          "train", ex.index, **{"ocr": {"length": 6}, "counting": {"max_count": 8}}[ex.task])
+      assert _key(ex) == _key(want)
+      if ex.task == "ocr":
+        assert len(ex.answer) == 6
+  c.tasks.difficulty.ocr.length = 12
+  with pytest.raises(config_utils.ConfigError, match=r"config.tasks.difficulty.ocr = .*'length' "
+                     r"must be an int in \[2, 8\], got 12"):
+    data_sources.rl_stream(c, str(tmp_path / "bad"), 4, process_index=0, process_count=1)
+
+
 @pytest.mark.parametrize("source", ["tfds", "generate"])
 def test_loader_stream_resumes_exactly_and_hosts_read_their_own_shard(tmp_path, source):
   path = write_jsonl(str(tmp_path / "user"))

@@ -135,6 +135,30 @@ def test_demonstration_lengths_fit_a_char_level_policy():
              for i in range(50)) <= 90
 
 
+def test_with_difficulty_generates_at_the_knobs_for_every_split():
+  arith = tasks.TASKS["arithmetic"]
+  one = tasks.get_task("arithmetic", difficulty={"n_digits": 1})
+  assert one is not arith and arith.default_difficulty == {"n_digits": 2, "ops": "+"}
+  for split in tasks.SPLITS:
+    for i in range(4):
+      ex = one.example(split, i)
+      assert len(ex.meta["digits"]) == 1 and ex.difficulty == {"n_digits": 1, "ops": "+"}
+      want = arith.example(split, i, n_digits=1)
+      assert (ex.prompt, ex.answer, ex.image.tobytes()) == (want.prompt, want.answer,
+                                                            want.image.tobytes())
+  # Knobs passed to `example` still win; the image size keeps the knobs and vice versa.
+  assert len(one.example("train", 0, n_digits=3).meta["digits"]) == 3
+  big = tasks.get_task("arithmetic", 48, difficulty={"n_digits": 1})
+  assert big.image_size == 48 and big.with_image_size(32).default_difficulty["n_digits"] == 1
+  assert "difficulty={'n_digits': 1}" in repr(one) and "difficulty" not in repr(arith)
+  # The defaults (or none) are the registered task itself: the same examples as before.
+  assert tasks.get_task("ocr", difficulty={"length": 3}) is tasks.TASKS["ocr"]
+  with pytest.raises(ValueError, match=r"unknown difficulty knob\(s\) \['lenght'\]"):
+    tasks.get_task("ocr", difficulty={"lenght": 4})
+  with pytest.raises(ValueError, match="'length' must be an int in"):
+    tasks.TASKS["ocr"].with_difficulty(length=12)
+
+
 def test_unknown_knob_and_bad_values():
   with pytest.raises(ValueError, match=r"task 'ocr': unknown difficulty knob\(s\) \['size'\]"):
     tasks.TASKS["ocr"].example("train", 0, size=3)

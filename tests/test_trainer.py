@@ -187,6 +187,22 @@ class _Ex:
     self.task = task
 
 
+def test_tasks_generate_at_the_configured_difficulty_in_every_split():
+  c = config_utils.load_config("smoke")
+  config_utils.apply_overrides(c, ["tasks.difficulty.arithmetic.n_digits=1",
+                                   "tasks.difficulty.arithmetic.ops=+-"])
+  by_name = {t.name: t for t in trainer_lib.get_tasks(c)}
+  assert list(by_name) == list(c.tasks.names)
+  for split in ("train", "validation"):  # RL / warm start and the held-out evaluation
+    ex = by_name["arithmetic"].example(split, 0)
+    assert len(ex.meta["digits"]) == 1 and ex.difficulty == {"n_digits": 1, "ops": "+-"}
+    assert by_name["ocr"].example(split, 0).difficulty == {"length": 3, "clutter": 0}
+  c.tasks.difficulty["ocrr"] = {"length": 4}
+  with pytest.raises(config_utils.ConfigError, match=r"knobs given for unknown task\(s\) "
+                     r"\['ocrr'\]; built-in tasks: \['arithmetic'"):
+    trainer_lib.get_tasks(c)
+
+
 def test_failing_or_nan_rewards_score_zero_and_are_counted():
   def boom(text):
     raise ValueError("parser exploded")

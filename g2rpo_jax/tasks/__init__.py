@@ -20,6 +20,8 @@ pipeline (`data`, `loader`, `user_data`) imports TFDS lazily so `import g2rpo_ja
 """
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 from g2rpo_jax.tasks.base import Example, ROLES, SPLITS, Task
 from g2rpo_jax.tasks.chart import Chart
 from g2rpo_jax.tasks.digits import DigitArithmetic
@@ -37,12 +39,16 @@ TASK_NAMES = tuple(TASKS)
 TASK_IDS = {name: i for i, name in enumerate(TASK_NAMES)}
 
 
-def get_task(name: str, image_size: int | None = None) -> Task:
-  """The registered task `name`, rendering at `image_size` (default 32)."""
+def get_task(name: str, image_size: int | None = None,
+             difficulty: Mapping[str, Any] | None = None) -> Task:
+  """The registered task `name`, rendering at `image_size` (default 32) and generating at the
+  `difficulty` knobs (the rest at their defaults; see `Task.with_difficulty`)."""
   if name not in TASKS:
     raise KeyError(f"unknown task {name!r}; registered tasks: {list(TASKS)}")
   task = TASKS[name]
-  return task if image_size is None else task.with_image_size(image_size)
+  if image_size is not None:
+    task = task.with_image_size(image_size)
+  return task.with_difficulty(**dict(difficulty or {}))
 
 
 def reward(response, example: Example) -> float:

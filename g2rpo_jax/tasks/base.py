@@ -18,6 +18,7 @@ Must not import jax, TFDS or the trainer: examples are generated on host, also i
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -82,10 +83,28 @@ class Task:
     self.image_size = image_size
 
   def __repr__(self) -> str:
-    return f"{type(self).__name__}(name={self.name!r}, image_size={self.image_size})"
+    changed = {k: v for k, v in self.default_difficulty.items()
+               if type(self).default_difficulty.get(k) != v}
+    knobs = f", difficulty={changed}" if changed else ""
+    return f"{type(self).__name__}(name={self.name!r}, image_size={self.image_size}{knobs})"
 
   def with_image_size(self, image_size: int) -> "Task":
-    return self if image_size == self.image_size else type(self)(image_size)
+    if image_size == self.image_size:
+      return self
+    task = type(self)(image_size)
+    task.default_difficulty = self.default_difficulty
+    return task
+
+  def with_difficulty(self, **knobs) -> "Task":
+    """This task with `knobs` as its defaults: `example(split, i)` without knobs generates at
+    them (the examples of `example(split, i, **knobs)`). Unknown knobs and out-of-range values
+    raise ValueError naming them; no knobs (or the defaults) give this same task."""
+    d = self.difficulty(**knobs)
+    if d == dict(self.default_difficulty):
+      return self
+    task = copy.copy(self)
+    task.default_difficulty = d
+    return task
 
   # --- generation --------------------------------------------------------------------------------
 
