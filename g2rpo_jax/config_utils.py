@@ -194,7 +194,7 @@ def task_names(config: ConfigDict) -> tuple[str, ...]:
 def task_difficulty(config: ConfigDict, task: str) -> dict:
   """The difficulty knobs `tasks.difficulty.<task>` gives a built-in task ({}: its defaults)."""
   d = config.tasks.get("difficulty")
-  return dict(d[task].to_dict()) if d is not None and task in d else {}
+  return d[task].to_dict() if d is not None and task in d else {}
 
 
 def entropy_bounds(config: ConfigDict, task: str) -> tuple:
