@@ -169,6 +169,16 @@ def base_config(tasks=ALL_TASKS) -> ml_collections.ConfigDict:
   c.optimizer.grad_clip = 1.0
   c.optimizer.warmup_steps = 0
 
+  # The vision tower's pretraining before the warm start (g2rpo_jax/vision_pretraining.py): the
+  # tower alone, through a linear head on its mean-pooled features, learns which tokens each
+  # image's demonstration contains. Cached in <workdir>/vision_pretrain; skipped with
+  # init_checkpoint and when the warm start is already cached.
+  c.vision_pretrain = ml_collections.ConfigDict()
+  c.vision_pretrain.enabled = False
+  c.vision_pretrain.steps = 600
+  c.vision_pretrain.batch_size = 64
+  c.vision_pretrain.lr = 2e-3
+
   c.warm_start = ml_collections.ConfigDict()
   c.warm_start.enabled = True
   c.warm_start.steps = 300

@@ -62,6 +62,7 @@ def get_config(arg=None):
   c.optimizer.warmup_steps = 0
 
   c.warm_start.enabled = False
+  c.vision_pretrain.enabled = False  # the checkpoint's tower is already trained
 
   c.shaping.length.thresholds = ml_collections.ConfigDict(
       {t: LENGTH_WINDOWS[common.ROLES.get(t, "hybrid")] for t in c.tasks.names})

@@ -264,6 +264,11 @@ def validate(config: ConfigDict) -> ConfigDict:
           "tasks.weights", "a built-in task with weight > 0 when the warm start runs (user JSONL "
           "data is RL-only); or set warm_start.enabled=False or init_checkpoint",
           tuple(c.tasks.weights))
+  for stage in ("warm_start", "vision_pretrain"):
+    st = c[stage]
+    _expect(st.steps >= 0, f"{stage}.steps", ">= 0", st.steps)
+    _expect(st.batch_size >= 1, f"{stage}.batch_size", ">= 1", st.batch_size)
+    _expect(st.lr > 0, f"{stage}.lr", "> 0", st.lr)
   s = c.shaping
   _expect(0 <= s.format_weight and 0 <= s.length.weight and
           s.format_weight + (s.length.weight if s.length.enabled else 0.0) < 1.0,

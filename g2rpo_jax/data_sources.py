@@ -346,15 +346,26 @@ def rl_stream(config, workdir: str, batch_size: int, *, process_index: int, proc
                          process_count=process_count, components=components)
 
 
+# Seed offsets of the streams that read demonstrations: each stage sees its own examples.
+_DEMO_STREAMS = {"warm_start": 1, "vision_pretrain": 2}
+
+
 def warm_start_stream(config, workdir: str, batch_size: int, *, process_index: int,
-                      process_count: int):
-  """Prompts for the supervised warm start: built-in tasks only (they have demonstrations)."""
+                      process_count: int, stage: str = "warm_start"):
+  """Prompts for a stage that learns from demonstrations: built-in tasks only (they have them).
+
+  `stage` is "warm_start" (the supervised warm start) or "vision_pretrain" (the vision tower's
+  pretraining, `vision_pretraining.py`); each draws its own examples from the same mixture.
+  """
+  if stage not in _DEMO_STREAMS:
+    raise ValueError(f"stage must be one of {sorted(_DEMO_STREAMS)}, got {stage!r}")
   weights = tuple(float(w) for w in config.tasks.weights)
   if sum(weights) <= 0:
-    raise ValueError("the warm start needs a built-in task with weight > 0 (config.tasks.weights "
-                     f"= {weights}): user JSONL data has no demonstrations; set "
-                     "warm_start.enabled=False or init_checkpoint")
+    raise ValueError(f"the {stage.replace('_', ' ')} needs a built-in task with weight > 0 "
+                     f"(config.tasks.weights = {weights}): user JSONL data has no "
+                     f"demonstrations; set {stage}.enabled=False or init_checkpoint")
+  seed = config.seed + _DEMO_STREAMS[stage]
   if config.data.source == "generate":
-    return _generated_stream(config, config.seed + 1, process_index, "warm_start")
-  return _mixture_stream(config, workdir, batch_size, config.seed + 1,
+    return _generated_stream(config, seed, process_index, stage)
+  return _mixture_stream(config, workdir, batch_size, seed,
                          process_index=process_index, process_count=process_count)

@@ -3,6 +3,9 @@
 `train_and_evaluate(config, workdir)` is the whole job (big_vision style). Its device work is a
 few pure jitted functions of (state, arrays); the Python loop only orchestrates:
 
+  initial    `initial_params`: init_checkpoint, or the seeded init, then (each when enabled and
+             cached in the workdir) the vision tower's pretraining (`vision_pretraining.py`)
+             and the supervised warm start on the tasks' demonstrations
   prompts    a prompt stream of `data_sources.py` (config.data: generated built-in tasks, TFDS,
              user JSONL components), checkpointable and sharded per host
   rollout    `rollout.generate` (jitted, KV cache) on a prompt batch -> tokens, old log-probs
@@ -58,6 +61,7 @@ from g2rpo_jax import losses
 from g2rpo_jax import metrics as metrics_lib
 from g2rpo_jax import shaping
 from g2rpo_jax import sharding as sharding_lib
+from g2rpo_jax import vision_pretraining
 from g2rpo_jax.models import interface as model_api
 
 Array = jax.Array
@@ -782,17 +786,44 @@ class Trainer:
   # -- initial params and the KL reference ---------------------------------------------------
 
   def initial_params(self):
-    """The params RL starts from: `init_checkpoint`, else the warm start, else the init.
+    """The params RL starts from: `init_checkpoint`, else the init after the vision tower's
+    pretraining and the warm start (each when enabled).
 
-    Deterministic and cached (the warm start's params are saved in <workdir>/warm_start), so a
-    resumed run re-derives the same params: that is how it restores the KL reference.
+    Deterministic and cached (each stage's params are saved in <workdir>/vision_pretrain and
+    <workdir>/warm_start), so a resumed run re-derives the same params: that is how it restores
+    the KL reference. A cached warm start is reused without pretraining the tower again.
     """
     c = self.config
     if c.init_checkpoint:
       return self.load_init_checkpoint(c.init_checkpoint)
+    params = self._init_params
     if c.warm_start.enabled:
-      return self.warm_start(self._init_params)
-    return self._init_params
+      cached = self._restore_stage("warm_start", {"params": params})
+      if cached is not None:
+        logging.info("warm start: reusing the cached params in %s/warm_start", self.workdir)
+        return cached["params"]
+    if c.vision_pretrain.enabled:
+      params = self.pretrain_vision(params)
+    if c.warm_start.enabled:
+      params = self.warm_start(params)
+    return params
+
+  def _stage_checkpointer(self, stage: str) -> checkpointing.Checkpointer:
+    return checkpointing.Checkpointer(os.path.join(self.workdir, stage), keep=1,
+                                      async_save=False)
+
+  def _restore_stage(self, stage: str, like):
+    """The cached output of a stage (`like`'s structure) from <workdir>/<stage>, or None."""
+    if not os.path.isdir(os.path.join(self.workdir, stage)):
+      return None
+    ckpt = self._stage_checkpointer(stage)
+    try:
+      if ckpt.latest_step() is None:
+        return None
+      restored, _, _ = ckpt.restore(checkpointing.abstract_like(like))
+      return restored
+    finally:
+      ckpt.close()
 
   def set_reference(self, params) -> None:
     """Keeps a frozen copy of `params` (sharded like them) as π_ref iff loss.kl_coef > 0.
@@ -809,17 +840,91 @@ class Trainer:
 
   # -- warm start ----------------------------------------------------------------------------
 
+  def pretrain_vision(self, params):
+    """The vision tower's pretraining (`vision_pretraining.py`), cached in
+    <workdir>/vision_pretrain; returns `params` with a new "vision" subtree."""
+    vp = self.config.vision_pretrain
+    cached = self._restore_stage("vision_pretrain", {"vision": params["vision"]})
+    if cached is not None:
+      logging.info("vision pretraining: reusing the cached tower in %s/vision_pretrain",
+                   self.workdir)
+      return dict(params, vision=cached["vision"])
+    width = self._check_image_features(params)
+    vocab = self.tokenizer.vocab_size
+    key = jax.random.fold_in(jax.random.key(self.config.seed), 3)
+    head = self._jit("bag_head_init", lambda: functools.partial(
+        vision_pretraining.init_head, width=width, vocab_size=vocab), width, vocab,
+                     out_shardings=replicated(self.mesh))(key)
+    trainable = {"vision": params["vision"], "head": head}
+    tx = optax.chain(optax.clip_by_global_norm(self.config.optimizer.grad_clip),
+                     optax.adamw(vp.lr, weight_decay=self.config.optimizer.weight_decay))
+    vp_key = (tuple(sorted(vp.to_dict().items())), self.config.optimizer.grad_clip,
+              self.config.optimizer.weight_decay)
+    opt_state = self._jit("bag_init", lambda: tx.init, vp_key)(trainable)
+    step = self._jit("bag_step", lambda: functools.partial(
+        vision_pretraining.pretrain_step, graphdef=self.graphdef, tx=tx), vp_key,
+                     donate_argnums=(0, 1))
+    per_host = max(1, vp.batch_size // self.num_processes)
+    sampler = data_sources.warm_start_stream(
+        self.config, self.workdir, per_host, process_index=jax.process_index(),
+        process_count=self.num_processes, stage="vision_pretrain")
+    t0 = time.perf_counter()
+    loss = float("nan")
+    bar = metrics_lib.Progress(vp.steps, enabled=self.is_lead and self.config.train.progress_bar,
+                               desc="vision pretraining")
+    for i in range(vp.steps):
+      batch = to_global(self.mesh, self._bag_batch(sampler.next(per_host)))
+      trainable, opt_state, loss_arr = step(trainable, opt_state, *batch, params=params)
+      if (i + 1) % max(1, vp.steps // 10) == 0 or i + 1 == vp.steps:
+        loss = float(loss_arr)
+        logging.info("vision pretraining %d/%d: bag loss %.4f", i + 1, vp.steps, loss)
+      bar.update(1, loss=loss)
+    bar.close()
+    f1 = self._heldout_bag_f1(trainable, params)
+    logging.info("vision pretraining: %d steps in %.1fs, final bag loss %.4f, held-out bag F1 "
+                 "%.3f", vp.steps, time.perf_counter() - t0, loss, f1)
+    ckpt = self._stage_checkpointer("vision_pretrain")
+    ckpt.save(0, {"vision": trainable["vision"]},
+              {"steps": vp.steps, "final_loss": loss, "heldout_bag_f1": f1})
+    ckpt.close()
+    return dict(params, vision=trainable["vision"])
+
+  def _check_image_features(self, params) -> int:
+    """The width of the model's image features; a ConfigError when it has no tower to train."""
+    model = model_api.merge_model(self.graphdef, params)
+    try:
+      shape = jax.eval_shape(model.image_features,
+                             jax.ShapeDtypeStruct((1, *self._image_shape()), jnp.uint8))
+    except NotImplementedError as e:
+      raise config_utils.ConfigError(
+          f"config.vision_pretrain.enabled = True: expected a model whose vision tower trains "
+          f"from scratch (tiny_vlm), but {e}; set vision_pretrain.enabled=False") from None
+    return int(shape.shape[-1])
+
+  def _image_shape(self) -> tuple:
+    example = self.tasks[0].example("train", 0)
+    return tuple(self.encode_prompts([example]).vision["pixels"].shape[1:])
+
+  def _bag_batch(self, examples) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels u8[B, H, W, 3] as the processor prepares them, token bags f32[B, V])."""
+    pixels = np.asarray(self.encode_prompts(examples).vision["pixels"])
+    ids = [self.tokenizer.encode(self.tasks_by_name[e.task].demonstration(e)) for e in examples]
+    return pixels, vision_pretraining.token_bag(ids, self.tokenizer.vocab_size)
+
+  def _heldout_bag_f1(self, trainable, params, per_task: int = 16) -> float:
+    """Micro F1 of the bag head on the first `per_task` validation examples of each task."""
+    examples = [t.example("validation", i) for t in self.tasks for i in range(per_task)]
+    logits = self._jit("bag_logits", lambda: functools.partial(
+        vision_pretraining.bag_logits, graphdef=self.graphdef))
+    # Every host scores the same examples: the global batch repeats them, the F1 is the same.
+    pixels, targets = to_global(self.mesh, self._bag_batch(examples))
+    out = logits(trainable["vision"], trainable["head"], pixels, params=params)
+    return float(vision_pretraining.bag_f1(out, targets))
+
   def warm_start(self, params):
     """Supervised steps on demonstrations (cached in <workdir>/warm_start); returns params."""
     ws = self.config.warm_start
-    ckpt = checkpointing.Checkpointer(os.path.join(self.workdir, "warm_start"), keep=1,
-                                      async_save=False)
-    abstract = checkpointing.abstract_like(params)
-    if ckpt.latest_step() is not None:
-      logging.info("warm start: reusing the cached params in %s", ckpt.directory)
-      restored, _, _ = ckpt.restore({"params": abstract})
-      ckpt.close()
-      return restored["params"]
+    ckpt = self._stage_checkpointer("warm_start")
     tx = optax.chain(optax.clip_by_global_norm(self.config.optimizer.grad_clip),
                      optax.adamw(ws.lr, weight_decay=self.config.optimizer.weight_decay))
     ws_key = (tuple(sorted(ws.to_dict().items())),)

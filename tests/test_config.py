@@ -98,6 +98,9 @@ def test_bad_value_types_are_errors():
     ("data.user.paths=('/nonexistent/x.jsonl',)", "existing JSONL files"),
     ("shaping.entropy.default_bounds=(0.7,0.6)", "H_min <= H_max"),
     ("shaping.length.role_thresholds.hybrid=(4,3,8,16)", "L_min < L_low"),
+    ("vision_pretrain.batch_size=0", r"vision_pretrain.batch_size = 0: expected >= 1"),
+    ("vision_pretrain.lr=0.0", r"vision_pretrain.lr = 0.0: expected > 0"),
+    ("warm_start.steps=-1", r"warm_start.steps = -1: expected >= 0"),
 ])
 def test_validate_names_the_bad_value(override, match):
   c = config_utils.load_config("smoke")

@@ -239,6 +239,13 @@ class PolicyModel(nnx.Module):
     the prefix: the cost of a step is independent of how many tokens came before."""
     raise NotImplementedError
 
+  def image_features(self, pixels: Array) -> Array:
+    """Optional: the vision tower's output for `pixels: u8[B, H, W, 3]`, [B, N, E] (one row per
+    image token). Used by `vision_pretraining` to train a from-scratch tower on its own; models
+    that do not offer it cannot run that stage."""
+    raise NotImplementedError(f"{type(self).__name__} does not expose its vision tower "
+                              "(image_features)")
+
 
 # ------------------------------------------------------------------------------------------------
 # Pure-function pattern: (graphdef, params) in, arrays out

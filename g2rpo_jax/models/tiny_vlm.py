@@ -462,6 +462,12 @@ class TinyVLM(interface.PolicyModel):
       has = jnp.ones(prompt.tokens.shape[:1], bool)
     return tuple(blk.cross.kv(img) + (has,) for blk in self.layers)
 
+  def image_features(self, pixels: Array) -> Array:
+    """The tower's patch embeddings in the text width, [B, N, E] (before `image_norm`)."""
+    if self.vision is None:
+      raise NotImplementedError("this TinyVLM has no vision tower (config.vision = False)")
+    return self.vision(pixels, self.dtype)
+
   def _token_conv(self, x: Array, valid: Array) -> Array:
     """x_t + sum_{j=1}^{K-1} w_j * x_{t-j} over [B, T, E], invalid (padding) inputs as zeros."""
     if self.token_conv is None:
