@@ -812,6 +812,13 @@ class Trainer:
     return checkpointing.Checkpointer(os.path.join(self.workdir, stage), keep=1,
                                       async_save=False)
 
+  def _stage_optimizer(self, lr: float):
+    """Grad-norm clip + AdamW at a constant `lr`: the optimizer of the stages before RL (the
+    jitted steps' cache key already holds `config.optimizer`)."""
+    o = self.config.optimizer
+    return optax.chain(optax.clip_by_global_norm(o.grad_clip),
+                       optax.adamw(lr, weight_decay=o.weight_decay))
+
   def _restore_stage(self, stage: str, like):
     """The cached output of a stage (`like`'s structure) from <workdir>/<stage>, or None."""
     if not os.path.isdir(os.path.join(self.workdir, stage)):
@@ -856,10 +863,8 @@ class Trainer:
         vision_pretraining.init_head, width=width, vocab_size=vocab), width, vocab,
                      out_shardings=replicated(self.mesh))(key)
     trainable = {"vision": params["vision"], "head": head}
-    tx = optax.chain(optax.clip_by_global_norm(self.config.optimizer.grad_clip),
-                     optax.adamw(vp.lr, weight_decay=self.config.optimizer.weight_decay))
-    vp_key = (tuple(sorted(vp.to_dict().items())), self.config.optimizer.grad_clip,
-              self.config.optimizer.weight_decay)
+    tx = self._stage_optimizer(vp.lr)
+    vp_key = (tuple(sorted(vp.to_dict().items())),)
     opt_state = self._jit("bag_init", lambda: tx.init, vp_key)(trainable)
     step = self._jit("bag_step", lambda: functools.partial(
         vision_pretraining.pretrain_step, graphdef=self.graphdef, tx=tx), vp_key,
@@ -925,8 +930,7 @@ class Trainer:
     """Supervised steps on demonstrations (cached in <workdir>/warm_start); returns params."""
     ws = self.config.warm_start
     ckpt = self._stage_checkpointer("warm_start")
-    tx = optax.chain(optax.clip_by_global_norm(self.config.optimizer.grad_clip),
-                     optax.adamw(ws.lr, weight_decay=self.config.optimizer.weight_decay))
+    tx = self._stage_optimizer(ws.lr)
     ws_key = (tuple(sorted(ws.to_dict().items())),)
     opt_state = self._jit("sft_init", lambda: tx.init, ws_key)(params)
     step = self._jit("sft_step", lambda: functools.partial(sft_step, graphdef=self.graphdef,
