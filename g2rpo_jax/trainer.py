@@ -913,8 +913,12 @@ class Trainer:
   def _bag_batch(self, examples) -> tuple[np.ndarray, np.ndarray]:
     """(pixels u8[B, H, W, 3] as the processor prepares them, token bags f32[B, V])."""
     pixels = np.asarray(self.encode_prompts(examples).vision["pixels"])
-    ids = [self.tokenizer.encode(self.tasks_by_name[e.task].demonstration(e)) for e in examples]
-    return pixels, vision_pretraining.token_bag(ids, self.tokenizer.vocab_size)
+    return pixels, vision_pretraining.token_bag(self._demonstration_ids(examples),
+                                                self.tokenizer.vocab_size)
+
+  def _demonstration_ids(self, examples) -> list[list[int]]:
+    """Each example's demonstration as token ids (no EOS): what the pre-RL stages learn from."""
+    return [self.tokenizer.encode(self.tasks_by_name[e.task].demonstration(e)) for e in examples]
 
   def _heldout_bag_f1(self, trainable, params, per_task: int = 16) -> float:
     """Micro F1 of the bag head on the first `per_task` validation examples of each task."""
@@ -950,8 +954,7 @@ class Trainer:
       pb = self.encode_prompts(examples)
       tokens = np.full((per_host, t_max), self.tokenizer.pad_id, np.int32)
       mask = np.zeros((per_host, t_max), bool)
-      for j, ex in enumerate(examples):
-        ids = self.tokenizer.encode(self.tasks_by_name[ex.task].demonstration(ex))
+      for j, ids in enumerate(self._demonstration_ids(examples)):
         ids = (ids + [self.tokenizer.eos_id])[:t_max]
         tokens[j, :len(ids)] = ids
         mask[j, :len(ids)] = True
