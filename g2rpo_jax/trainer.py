@@ -875,6 +875,7 @@ class Trainer:
         process_count=self.num_processes, stage="vision_pretrain")
     t0 = time.perf_counter()
     loss = float("nan")
+    headline = {}  # the bar shows the loss from its first read on, not a placeholder nan
     bar = metrics_lib.Progress(vp.steps, enabled=self.is_lead and self.config.train.progress_bar,
                                desc="vision pretraining")
     for i in range(vp.steps):
@@ -882,8 +883,9 @@ class Trainer:
       trainable, opt_state, loss_arr = step(trainable, opt_state, *batch, params=params)
       if (i + 1) % max(1, vp.steps // 10) == 0 or i + 1 == vp.steps:
         loss = float(loss_arr)
+        headline = {"loss": loss}
         logging.info("vision pretraining %d/%d: bag loss %.4f", i + 1, vp.steps, loss)
-      bar.update(1, loss=loss)
+      bar.update(1, **headline)
     bar.close()
     f1 = self._heldout_bag_f1(trainable, params)
     logging.info("vision pretraining: %d steps in %.1fs, final bag loss %.4f, held-out bag F1 "
@@ -947,6 +949,7 @@ class Trainer:
     t_max = self.config.rollout.max_new_tokens
     t0 = time.perf_counter()
     loss = float("nan")
+    headline = {}  # the bar shows the nll from its first read on, not a placeholder nan
     bar = metrics_lib.Progress(ws.steps, enabled=self.is_lead and self.config.train.progress_bar,
                                desc="warm start")
     for i in range(ws.steps):
@@ -962,8 +965,9 @@ class Trainer:
       params, opt_state, loss_arr = step(params, opt_state, *batch)
       if (i + 1) % max(1, ws.steps // 10) == 0 or i + 1 == ws.steps:
         loss = float(loss_arr)
+        headline = {"nll": loss}
         logging.info("warm start %d/%d: nll %.4f", i + 1, ws.steps, loss)
-      bar.update(1, nll=loss)
+      bar.update(1, **headline)
     bar.close()
     logging.info("warm start: %d steps in %.1fs, final nll %.4f", ws.steps,
                  time.perf_counter() - t0, loss)

@@ -1,6 +1,6 @@
 """The vision tower's pretraining: token bags, the bag objective learning what images show, and
 the trainer's stage (only the tower changes; cached in the workdir; skipped when the warm start
-is cached; a clear error for a model without a trainable tower)."""
+is cached; a clear error for a model without a trainable tower; the stages' progress bars)."""
 import os
 
 import jax
@@ -9,7 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from g2rpo_jax import config_utils, trainer as trainer_lib, vision_pretraining as vp
+from g2rpo_jax import config_utils, metrics as metrics_lib, trainer as trainer_lib
+from g2rpo_jax import vision_pretraining as vp
 from g2rpo_jax.models import interface, testing as model_testing, tiny_vlm
 
 ONE = jax.devices()[:1]
@@ -127,3 +128,18 @@ def test_a_model_without_a_trainable_tower_is_a_config_error(tmp_path, monkeypat
                            r"tower trains from scratch.*set vision_pretrain.enabled=False"):
     tr.initial_params()
   assert not os.path.exists(os.path.join(tr.workdir, "warm_start"))
+
+
+def test_the_stage_progress_bars_show_each_loss_from_its_first_read_never_a_placeholder(
+    tmp_path, monkeypatch):
+  shown = []
+  monkeypatch.setattr(metrics_lib.Progress, "update",
+                      lambda self, n=1, **headline: shown.append(headline))
+  cfg = _smoke("vision_pretrain.steps=20", "warm_start.steps=20")
+  trainer_lib.Trainer(cfg, str(tmp_path / "run"), ONE).initial_params()
+  # Each stage reads its loss from the device every tenth of its steps (here every 2nd): the bar
+  # has no number before the first read and a finite one on every step after it.
+  assert len(shown) == 40
+  assert shown[0] == {} and shown[20] == {}
+  assert all(list(h) == ["loss"] and np.isfinite(h["loss"]) for h in shown[1:20]), shown[:20]
+  assert all(list(h) == ["nll"] and np.isfinite(h["nll"]) for h in shown[21:]), shown[20:]
