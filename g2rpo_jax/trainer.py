@@ -578,6 +578,37 @@ class _Signals:
 # ------------------------------------------------------------------------------------------
 # The job.
 
+
+class _StageProgress:
+  """A supervised stage's progress (the warm start, the vision pretraining): its bar, and its
+  loss read from the device every tenth of the stage (a read syncs the host with the device),
+  logged then and shown on the bar from the first read on."""
+
+  def __init__(self, desc: str, steps: int, loss_label: str, headline_key: str, enabled: bool):
+    self.desc, self.steps = desc, steps
+    self.loss_label, self.headline_key = loss_label, headline_key
+    self.loss = float("nan")
+    self._done = 0
+    self._headline = {}  # nothing until the first read, rather than a placeholder nan
+    self._read_every = max(1, steps // 10)
+    self._t0 = time.perf_counter()
+    self._bar = metrics_lib.Progress(steps, enabled=enabled, desc=desc)
+
+  def step(self, loss_arr) -> None:
+    self._done += 1
+    if self._done % self._read_every == 0 or self._done == self.steps:
+      self.loss = float(loss_arr)
+      self._headline = {self.headline_key: self.loss}
+      logging.info("%s %d/%d: %s %.4f", self.desc, self._done, self.steps, self.loss_label,
+                   self.loss)
+    self._bar.update(1, **self._headline)
+
+  def close(self) -> tuple[float, float]:
+    """(seconds since the stage began, the last loss read)."""
+    self._bar.close()
+    return time.perf_counter() - self._t0, self.loss
+
+
 class Trainer:
   """Holds the built pieces of one run (mesh, model, processor, jitted functions, sampler)."""
 
@@ -847,6 +878,11 @@ class Trainer:
 
   # -- warm start ----------------------------------------------------------------------------
 
+  def _stage_progress(self, desc: str, steps: int, loss_label: str,
+                      headline_key: str) -> "_StageProgress":
+    return _StageProgress(desc, steps, loss_label, headline_key,
+                          enabled=self.is_lead and self.config.train.progress_bar)
+
   def pretrain_vision(self, params):
     """The vision tower's pretraining (`vision_pretraining.py`), cached in
     <workdir>/vision_pretrain; returns `params` with a new "vision" subtree."""
@@ -873,23 +909,15 @@ class Trainer:
     sampler = data_sources.warm_start_stream(
         self.config, self.workdir, per_host, process_index=jax.process_index(),
         process_count=self.num_processes, stage="vision_pretrain")
-    t0 = time.perf_counter()
-    loss = float("nan")
-    headline = {}  # the bar shows the loss from its first read on, not a placeholder nan
-    bar = metrics_lib.Progress(vp.steps, enabled=self.is_lead and self.config.train.progress_bar,
-                               desc="vision pretraining")
-    for i in range(vp.steps):
+    progress = self._stage_progress("vision pretraining", vp.steps, "bag loss", "loss")
+    for _ in range(vp.steps):
       batch = to_global(self.mesh, self._bag_batch(sampler.next(per_host)))
       trainable, opt_state, loss_arr = step(trainable, opt_state, *batch, params=params)
-      if (i + 1) % max(1, vp.steps // 10) == 0 or i + 1 == vp.steps:
-        loss = float(loss_arr)
-        headline = {"loss": loss}
-        logging.info("vision pretraining %d/%d: bag loss %.4f", i + 1, vp.steps, loss)
-      bar.update(1, **headline)
-    bar.close()
+      progress.step(loss_arr)
+    seconds, loss = progress.close()
     f1 = self._heldout_bag_f1(trainable, params)
     logging.info("vision pretraining: %d steps in %.1fs, final bag loss %.4f, held-out bag F1 "
-                 "%.3f", vp.steps, time.perf_counter() - t0, loss, f1)
+                 "%.3f", vp.steps, seconds, loss, f1)
     ckpt = self._stage_checkpointer("vision_pretrain")
     ckpt.save(0, {"vision": trainable["vision"]},
               {"steps": vp.steps, "final_loss": loss, "heldout_bag_f1": f1})
@@ -947,12 +975,8 @@ class Trainer:
         self.config, self.workdir, per_host, process_index=jax.process_index(),
         process_count=self.num_processes)
     t_max = self.config.rollout.max_new_tokens
-    t0 = time.perf_counter()
-    loss = float("nan")
-    headline = {}  # the bar shows the nll from its first read on, not a placeholder nan
-    bar = metrics_lib.Progress(ws.steps, enabled=self.is_lead and self.config.train.progress_bar,
-                               desc="warm start")
-    for i in range(ws.steps):
+    progress = self._stage_progress("warm start", ws.steps, "nll", "nll")
+    for _ in range(ws.steps):
       examples = sampler.next(per_host)
       pb = self.encode_prompts(examples)
       tokens = np.full((per_host, t_max), self.tokenizer.pad_id, np.int32)
@@ -963,14 +987,9 @@ class Trainer:
         mask[j, :len(ids)] = True
       batch = to_global(self.mesh, (pb, tokens, mask))
       params, opt_state, loss_arr = step(params, opt_state, *batch)
-      if (i + 1) % max(1, ws.steps // 10) == 0 or i + 1 == ws.steps:
-        loss = float(loss_arr)
-        headline = {"nll": loss}
-        logging.info("warm start %d/%d: nll %.4f", i + 1, ws.steps, loss)
-      bar.update(1, **headline)
-    bar.close()
-    logging.info("warm start: %d steps in %.1fs, final nll %.4f", ws.steps,
-                 time.perf_counter() - t0, loss)
+      progress.step(loss_arr)
+    seconds, loss = progress.close()
+    logging.info("warm start: %d steps in %.1fs, final nll %.4f", ws.steps, seconds, loss)
     ckpt.save(0, {"params": params}, {"steps": ws.steps, "final_nll": loss})
     ckpt.close()
     return params
